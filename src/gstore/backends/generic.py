@@ -1,0 +1,149 @@
+"""Any fsspec filesystem (local files, memory, GCS, Azure, SFTP, ...).
+
+Async implementations are driven through the asyncio bridge like S3; blocking
+ones run in trio worker threads. Identity comes from an ETag-like field when
+the filesystem reports one, else from size and mtime (documented as weaker:
+such backends cannot pin a read to one version).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import posixpath
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import trio
+
+from gstore.backends.base import (
+    Listing,
+    ObjectInfo,
+    check_relative_path,
+    join_key,
+    posix_name_problem,
+)
+from gstore.backends.bridge import AsyncioBridge
+from gstore.errors import BackendError
+
+_ETAG_FIELDS = ("ETag", "etag", "md5Hash", "md5", "content_md5")
+_MTIME_FIELDS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
+
+
+def _as_timestamp(value: Any) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return value.timestamp()
+    if isinstance(value, str):
+        try:
+            return _as_timestamp(_dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
+        except ValueError:
+            return 0.0
+    return 0.0
+
+
+def info_to_object(entry: Mapping[str, Any], name: str) -> ObjectInfo:
+    """Normalise one fsspec info dict."""
+    is_dir = entry.get("type") == "directory"
+    etag = next((str(entry[f]).strip('"') for f in _ETAG_FIELDS if entry.get(f)), None)
+    mtime = next((_as_timestamp(entry[f]) for f in _MTIME_FIELDS if entry.get(f) is not None), 0.0)
+    return ObjectInfo(
+        name=name,
+        is_dir=is_dir,
+        size=0 if is_dir else int(entry.get("size") or 0),
+        mtime=mtime,
+        etag=None if is_dir else etag,
+        content_type=entry.get("ContentType") or entry.get("content_type"),
+    )
+
+
+class FsspecBackend:
+    """A directory of any fsspec filesystem."""
+
+    def __init__(
+        self, fs: Any, protocol: str, root: str, *, request_timeout: float | None = None
+    ) -> None:
+        self._fs = fs
+        self._protocol = protocol
+        self._root = root.rstrip("/") if root not in ("", "/") else root
+        self._async = bool(getattr(fs, "async_impl", False)) and getattr(fs, "loop", None) is not None
+        self._bridge = AsyncioBridge(fs.loop, timeout=request_timeout) if self._async else None
+        self._timeout = request_timeout
+        self._limiter = trio.CapacityLimiter(32)
+        self.display = f"{protocol}://{root}"
+        self.cache_namespace = f"{protocol}|{getattr(fs, 'fsid', protocol) if protocol != 'memory' else id(fs)}"
+
+    def _full(self, path: str) -> str:
+        check_relative_path(path)
+        if self._root == "/":
+            return "/" + path
+        return join_key(self._root, path)
+
+    def cache_key(self, path: str) -> str:
+        return f"{self.cache_namespace}|{self._full(path)}"
+
+    async def _do(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``fs.NAME`` (or the async ``fs._NAME``) without blocking trio."""
+        if self._bridge is not None:
+            return await self._bridge.run(getattr(self._fs, "_" + name)(*args, **kwargs))
+        method: Callable[..., Any] = getattr(self._fs, name)
+        if self._timeout is None:
+            return await trio.to_thread.run_sync(lambda: method(*args, **kwargs), limiter=self._limiter)
+        with trio.move_on_after(self._timeout) as scope:
+            return await trio.to_thread.run_sync(
+                lambda: method(*args, **kwargs), limiter=self._limiter, abandon_on_cancel=True
+            )
+        assert scope.cancelled_caught
+        raise BackendError(errno.ETIMEDOUT, f"{name} timed out after {self._timeout:g}s", transient=True)
+
+    async def probe(self) -> None:
+        try:
+            info = await self._do("info", self._full(""))
+        except FileNotFoundError as exc:
+            raise BackendError(errno.ENOENT, f"cannot open {self.display}: it does not exist") from exc
+        if info.get("type") != "directory":
+            raise BackendError(errno.ENOTDIR, f"cannot open {self.display}: not a directory")
+
+    async def stat(self, path: str) -> ObjectInfo:
+        entry = await self._do("info", self._full(path))
+        return info_to_object(entry, path.rsplit("/", 1)[-1] if path else "")
+
+    async def list_dir(self, path: str) -> Listing:
+        full = self._full(path)
+        entries = await self._do("ls", full, detail=True)
+        listing = Listing()
+        own = full.rstrip("/")
+        for entry in entries:
+            raw = str(entry.get("name", "")).rstrip("/")
+            name = posixpath.basename(raw)
+            if raw.lstrip("/") == own.lstrip("/"):
+                continue  # some filesystems list the directory itself
+            problem = posix_name_problem(name)
+            if problem:
+                listing.skipped.append((raw, problem))
+                continue
+            info = info_to_object(entry, name)
+            previous = listing.entries.get(name)
+            if previous is not None and previous.is_dir and not info.is_dir:
+                listing.skipped.append((raw, "name is both a file and a directory; the directory wins"))
+                continue
+            listing.entries[name] = info
+        return listing
+
+    async def read_range(self, path: str, start: int, end: int, expect: ObjectInfo) -> bytes:
+        if end <= start:
+            return b""
+        data = await self._do("cat_file", self._full(path), start=start, end=end)
+        if len(data) != end - start:
+            raise BackendError(
+                errno.EIO, f"short read of {path} [{start}, {end}): got {len(data)} bytes", transient=True
+            )
+        return bytes(data)
+
+    async def aclose(self) -> None:
+        return None

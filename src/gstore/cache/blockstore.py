@@ -1,0 +1,546 @@
+"""A bounded, persistent, on-disk store of fixed-size blocks of remote objects.
+
+Each block is one file::
+
+    root/<first 2 hex chars of key>/<key>.<index>.<crc32 as 8 hex digits>
+
+The object key is an opaque hex digest chosen by the caller (a new version of a
+remote object has a new key, so the store never deals with staleness). The
+CRC32 in the name lets a restart rebuild the index with one directory scan and
+no sidecar file: the blocks found at startup are *unverified* and their CRC is
+checked on their first read. Blocks written by this process are trusted. Every
+read also checks that the file has exactly the length the caller expects, which
+catches a block torn by a power loss (no fsync is done).
+
+Concurrency: one lock guards the in-memory index *and every rename into or out
+of a final block name*, so "the index holds (key, index) with crc C" and "the
+file <key>.<index>.<C> exists" change together. Data I/O never runs under the
+lock: a put writes its temp file first, and a removed block (evicted, replaced,
+discarded, corrupt) is renamed under the lock to a ``.tmp.*`` name in its shard
+and unlinked after the lock is released (freeing a large file's extents can
+take a while). A reader opens the file outside the lock; if the block was
+removed meanwhile the open fails with ENOENT (a miss) or the already-open fd
+still reads the right bytes. A crash at any point leaves at most ``.tmp.*``
+files behind, which the next startup deletes.
+
+Only one :class:`BlockStore` may use a directory at a time (the daemon holds a
+lock on its state directory).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import stat
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_KEY_RE = re.compile(r"[0-9a-f]{16,128}")
+_BLOCK_NAME_RE = re.compile(r"([0-9a-f]{16,128})\.(0|[1-9][0-9]*)\.([0-9a-f]{8})")
+_SHARD_RE = re.compile(r"[0-9a-f]{2}")
+_TMP_PREFIX = ".tmp."
+_MAX_INDEX = 2**63  # an offset // block_size always fits; keeps file names short
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_READ = os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW
+_O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_NOFOLLOW
+
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+# Index value: (size, crc32, verified). A plain tuple keeps 100k entries small;
+# a new tuple object is made whenever an entry changes, so "is" tells a reader
+# whether the entry it looked up is still the current one.
+_Entry = tuple[int, int, bool]
+_Key = tuple[str, int]
+
+
+@dataclass
+class StoreStats:
+    capacity: int
+    used_bytes: int
+    blocks: int
+    hits: int
+    misses: int
+    puts: int
+    evictions: int
+    evicted_bytes: int
+    corrupt: int
+
+
+def _check_key(object_key: str) -> None:
+    if type(object_key) is not str or _KEY_RE.fullmatch(object_key) is None:
+        raise ValueError(f"invalid block store key: {object_key!r}")
+
+
+def _check_index(index: int) -> None:
+    if type(index) is not int or not 0 <= index < _MAX_INDEX:
+        raise ValueError(f"invalid block index: {index!r}")
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (a module function so tests can fail it)."""
+    while data:
+        written = os.write(fd, data)
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        data = data[written:]
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes | None:
+    """``length`` bytes at ``offset``, or None if the file ends before that."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        chunk = os.pread(fd, length - got, offset + got)
+        if not chunk:
+            return None
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("block store: cannot remove %s: %s", path, exc)
+
+
+def _tmp_name() -> str:
+    return _TMP_PREFIX + os.urandom(8).hex()
+
+
+class BlockStore:
+    """Blocks of remote objects kept on local disk, least recently used evicted first."""
+
+    def __init__(self, root: Path, capacity: int) -> None:
+        if type(capacity) is not int or capacity <= 0:
+            raise ValueError(f"block store capacity must be a positive int, not {capacity!r}")
+        self._root = os.fspath(root)
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._index: OrderedDict[_Key, _Entry] = OrderedDict()
+        self._used = 0
+        self._shards: set[str] = set()
+        self._closed = False
+        self._reordered = False  # a read hit changed the LRU order since startup
+        self._hits = 0
+        self._misses = 0
+        self._puts = 0
+        self._evictions = 0
+        self._evicted_bytes = 0
+        self._corrupt = 0
+        self._prepare_root()
+        self._load()
+
+    # -- startup -------------------------------------------------------------------
+
+    def _prepare_root(self) -> None:
+        os.makedirs(self._root, mode=_DIR_MODE, exist_ok=True)
+        st = os.stat(self._root)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", self._root)
+        if stat.S_IMODE(st.st_mode) != _DIR_MODE:
+            os.chmod(self._root, _DIR_MODE)
+
+    def _load(self) -> None:
+        """Rebuild the index from the file names: one scandir per shard, one lstat per block."""
+        started = time.monotonic()
+        found: list[tuple[int, str, int, int, int]] = []  # (mtime_ns, key, index, size, crc)
+        keys: dict[str, str] = {}  # one str object per object key, shared by its blocks
+        temps = 0
+        with os.scandir(self._root) as top:
+            for shard_entry in top:
+                shard = shard_entry.name
+                if _SHARD_RE.fullmatch(shard) is None:
+                    continue
+                if not shard_entry.is_dir(follow_symlinks=False):
+                    continue
+                self._shards.add(shard)
+                try:
+                    if stat.S_IMODE(shard_entry.stat(follow_symlinks=False).st_mode) != _DIR_MODE:
+                        os.chmod(shard_entry.path, _DIR_MODE)
+                except OSError as exc:
+                    log.warning("block store: cannot fix the mode of %s: %s", shard_entry.path, exc)
+                with os.scandir(shard_entry.path) as files:
+                    for entry in files:
+                        name = entry.name
+                        if name.startswith(_TMP_PREFIX):
+                            if entry.is_file(follow_symlinks=False):
+                                _unlink_quietly(entry.path)
+                                temps += 1
+                            continue
+                        match = _BLOCK_NAME_RE.fullmatch(name)
+                        if match is None or not name.startswith(shard):
+                            continue  # not ours (or unreachable): leave it alone
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        block = int(match[2])
+                        if block >= _MAX_INDEX:
+                            continue
+                        key = keys.setdefault(match[1], match[1])
+                        crc = int(match[3], 16)
+                        found.append((st.st_mtime_ns, key, block, st.st_size, crc))
+        found.sort(key=lambda item: item[0])
+        duplicates = 0
+        index = self._index
+        for _mtime, key, block, size, crc in found:
+            k = (key, block)
+            old = index.pop(k, None)
+            if old is not None:
+                # Two files for one block (only possible if something else copied files
+                # in): keep the newer one.
+                duplicates += 1
+                self._used -= old[0]
+                _unlink_quietly(self._path(key, block, old[1]))
+            index[k] = (size, crc, False)
+            self._used += size
+        evicted = 0
+        while self._used > self._capacity and index:
+            (key, block), (size, crc, _verified) = index.popitem(last=False)
+            self._used -= size
+            self._evictions += 1
+            self._evicted_bytes += size
+            evicted += 1
+            _unlink_quietly(self._path(key, block, crc))
+        log.info(
+            "block store %s: %d blocks, %d bytes of %d; removed %d temp files, %d duplicates; "
+            "evicted %d blocks to fit (%.2fs)",
+            self._root,
+            len(index),
+            self._used,
+            self._capacity,
+            temps,
+            duplicates,
+            evicted,
+            time.monotonic() - started,
+        )
+
+    # -- paths ---------------------------------------------------------------------
+
+    def _path(self, object_key: str, index: int, crc: int) -> str:
+        return f"{self._root}/{object_key[:2]}/{object_key}.{index}.{crc:08x}"
+
+    def _shard_dir(self, shard: str, *, recreate: bool = False) -> str:
+        path = f"{self._root}/{shard}"
+        if recreate or shard not in self._shards:
+            try:
+                os.mkdir(path, _DIR_MODE)
+            except FileExistsError:
+                pass
+            else:
+                os.chmod(path, _DIR_MODE)  # the umask may have taken bits away
+            self._shards.add(shard)
+        return path
+
+    # -- reads ---------------------------------------------------------------------
+
+    def contains(self, object_key: str, index: int) -> bool:
+        """Whether the block is in the index (no I/O; the file may still turn out bad)."""
+        _check_key(object_key)
+        _check_index(index)
+        return (object_key, index) in self._index
+
+    def read(
+        self, object_key: str, index: int, offset: int, length: int, expected_len: int
+    ) -> bytes | None:
+        """Bytes ``[offset, offset + length)`` of a block (clipped to it), or None on a miss.
+
+        A block whose file is not ``expected_len`` bytes long, or (for a block found
+        at startup, on its first read) whose content does not match the CRC in its
+        name, is deleted and counted as corrupt.
+        """
+        _check_key(object_key)
+        _check_index(index)
+        if offset < 0 or length < 0:
+            raise ValueError(f"invalid block range: offset={offset} length={length}")
+        k = (object_key, index)
+        with self._lock:
+            entry = self._index.get(k)
+            if entry is None:
+                self._misses += 1
+                return None
+            if entry[0] != expected_len:
+                del self._index[k]
+                self._used -= entry[0]
+                self._corrupt += 1
+                self._misses += 1
+                trash = self._to_trash_locked(object_key, index, entry[1])
+            else:
+                self._index.move_to_end(k)
+                self._hits += 1  # taken back by _failed_read if the file lets us down
+                self._reordered = True
+                trash = None
+        if entry[0] != expected_len:
+            if trash is not None:
+                _unlink_quietly(trash)
+            return None
+
+        size, crc, verified = entry
+        try:
+            fd = os.open(self._path(object_key, index, crc), _O_READ)
+        except FileNotFoundError:
+            self._failed_read(k, entry, corrupt=False, drop=True)
+            return None
+        except OSError as exc:  # EMFILE and the like: not the block's fault
+            log.warning("block store: cannot open block %d of %s: %s", index, object_key, exc)
+            self._failed_read(k, entry, corrupt=False, drop=False)
+            return None
+        start = min(offset, size)
+        end = min(size, offset + length)
+        try:
+            if os.fstat(fd).st_size != size:
+                data = None
+            elif verified:
+                data = _pread_exact(fd, end - start, start) if end > start else b""
+            else:
+                whole = _pread_exact(fd, size, 0) if size else b""
+                if whole is None or zlib.crc32(whole) != crc:
+                    data = None
+                else:
+                    data = whole if (start == 0 and end == size) else whole[start:end]
+        except OSError as exc:
+            log.warning("block store: cannot read block %d of %s: %s", index, object_key, exc)
+            data = None
+        finally:
+            os.close(fd)
+        if data is None:
+            self._failed_read(k, entry, corrupt=True, drop=True)
+            return None
+        if not verified:
+            with self._lock:
+                if self._index.get(k) is entry:
+                    self._index[k] = (size, crc, True)
+        return data
+
+    def _failed_read(self, k: _Key, entry: _Entry, *, corrupt: bool, drop: bool) -> None:
+        trash = None
+        with self._lock:
+            self._hits -= 1
+            self._misses += 1
+            # Only act if nobody replaced or removed the block since we looked it up:
+            # otherwise the file under that name may be a newer, good one.
+            if drop and self._index.get(k) is entry:
+                del self._index[k]
+                self._used -= entry[0]
+                if corrupt:
+                    self._corrupt += 1
+                    trash = self._to_trash_locked(k[0], k[1], entry[1])
+        if trash is not None:
+            _unlink_quietly(trash)
+
+    # -- writes --------------------------------------------------------------------
+
+    def put(self, object_key: str, index: int, data: bytes | memoryview) -> None:
+        """Store a block (replacing any previous one), then evict LRU blocks to fit."""
+        _check_key(object_key)
+        _check_index(index)
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        if size > self._capacity:
+            raise ValueError(f"block of {size} bytes exceeds the store capacity {self._capacity}")
+        if self._closed:
+            return
+        crc = zlib.crc32(view)
+        shard = object_key[:2]
+        try:
+            tmp = self._write_temp(shard, view)
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            evicted, freed = self._make_room(max(size, 1))
+            if not evicted:
+                raise
+            log.warning("block store: %s; evicted %d blocks and retrying", exc, evicted)
+            for path in freed:
+                _unlink_quietly(path)
+            tmp = self._write_temp(shard, view)
+
+        final = self._path(object_key, index, crc)
+        k = (object_key, index)
+        trash: list[str] = []
+        failure: OSError | None = None
+        with self._lock:
+            if self._closed:
+                trash.append(tmp)
+            else:
+                old = self._index.pop(k, None)
+                if old is not None:
+                    self._used -= old[0]
+                    moved = self._to_trash_locked(object_key, index, old[1])
+                    if moved is not None:
+                        trash.append(moved)
+                # Make room first, so that usage() (read without the lock) never
+                # sees more than the capacity, even for an instant.
+                self._evict_locked(self._capacity - size, trash)
+                try:
+                    os.replace(tmp, final)
+                except OSError as exc:
+                    failure = exc
+                    trash.append(tmp)
+                else:
+                    self._index[k] = (size, crc, True)
+                    self._used += size
+                    self._puts += 1
+        for path in trash:
+            _unlink_quietly(path)
+        if failure is not None:
+            raise failure
+
+    def _write_temp(self, shard: str, view: memoryview) -> str:
+        """Write ``view`` to a new 0600 temp file in the shard; return its path."""
+        directory = self._shard_dir(shard)
+        for _attempt in range(8):
+            tmp = f"{directory}/{_tmp_name()}"
+            try:
+                fd = os.open(tmp, _O_CREATE, _FILE_MODE)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:  # the shard was removed under us
+                directory = self._shard_dir(shard, recreate=True)
+                continue
+            try:
+                os.fchmod(fd, _FILE_MODE)  # exactly 0600 whatever the umask
+                _write_all(fd, view)
+            except BaseException:
+                os.close(fd)
+                _unlink_quietly(tmp)
+                raise
+            try:
+                os.close(fd)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+            return tmp
+        raise OSError(errno.EEXIST, "cannot create a temp file", directory)
+
+    def _to_trash_locked(self, object_key: str, index: int, crc: int) -> str | None:
+        """Move a block file off its name (under the lock); the caller unlinks the result."""
+        path = self._path(object_key, index, crc)
+        trash = f"{self._root}/{object_key[:2]}/{_tmp_name()}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("block store: cannot move %s aside (%s); removing it in place", path, exc)
+            _unlink_quietly(path)
+            return None
+        return trash
+
+    def _evict_locked(self, limit: int, trash: list[str]) -> None:
+        """Evict LRU blocks until at most ``limit`` bytes are used; moved files go to ``trash``."""
+        index = self._index
+        while self._used > limit and index:
+            (key, block), (size, crc, _verified) = index.popitem(last=False)
+            self._used -= size
+            self._evictions += 1
+            self._evicted_bytes += size
+            moved = self._to_trash_locked(key, block, crc)
+            if moved is not None:
+                trash.append(moved)
+
+    def _make_room(self, needed: int) -> tuple[int, list[str]]:
+        """Evict LRU blocks holding at least ``needed`` bytes (the disk is full).
+
+        Returns how many blocks were evicted and the files to unlink.
+        """
+        trash: list[str] = []
+        freed = 0
+        count = 0
+        with self._lock:
+            index = self._index
+            while index and (freed < needed or count == 0):
+                count += 1
+                (key, block), (size, crc, _verified) = index.popitem(last=False)
+                self._used -= size
+                self._evictions += 1
+                self._evicted_bytes += size
+                freed += size
+                moved = self._to_trash_locked(key, block, crc)
+                if moved is not None:
+                    trash.append(moved)
+        return count, trash
+
+    def discard_object(self, object_key: str) -> None:
+        """Remove every block of an object (a scan of the index: meant to be rare)."""
+        _check_key(object_key)
+        trash: list[str] = []
+        with self._lock:
+            index = self._index
+            for k in [k for k in index if k[0] == object_key]:
+                size, crc, _verified = index.pop(k)
+                self._used -= size
+                moved = self._to_trash_locked(object_key, k[1], crc)
+                if moved is not None:
+                    trash.append(moved)
+        for path in trash:
+            _unlink_quietly(path)
+
+    # -- bookkeeping ---------------------------------------------------------------
+
+    def usage(self) -> int:
+        return self._used
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(
+                capacity=self._capacity,
+                used_bytes=self._used,
+                blocks=len(self._index),
+                hits=self._hits,
+                misses=self._misses,
+                puts=self._puts,
+                evictions=self._evictions,
+                evicted_bytes=self._evicted_bytes,
+                corrupt=self._corrupt,
+            )
+
+    def close(self) -> None:
+        """Stop using the store; later reads miss and later puts are dropped.
+
+        If read hits changed the LRU order, the order is written back as file
+        mtimes (oldest first) so the next startup evicts the right blocks.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            order = list(self._index.items()) if self._reordered else []
+            self._index.clear()
+            self._used = 0
+        if order:
+            step = 1000  # 1 µs apart: distinct on any filesystem with sub-second times
+            base = time.time_ns() - step * len(order)
+            for i, ((key, block), (_size, crc, _verified)) in enumerate(order):
+                stamp = base + i * step
+                try:
+                    os.utime(self._path(key, block, crc), ns=(stamp, stamp))
+                except OSError:
+                    pass
+
+    def __enter__(self) -> BlockStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,220 @@
+"""The pyfuse3 adapter: converts types, calls the core, replies. Nothing else.
+
+pyfuse3 handlers may raise only ``FUSEError``: anything else leaves the
+request unanswered and ends the main loop. Every handler therefore runs inside
+:func:`_errors`, which maps exceptions through the single table in
+:mod:`gstore.errors` and logs each failure once with its path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import pyfuse3
+import trio
+
+from gstore.backends.base import ObjectInfo
+from gstore.errors import classify
+from gstore.vfs.filesystem import FileSystem
+from gstore.vfs.inodes import Inode
+
+log = logging.getLogger(__name__)
+
+_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST,
+                           errno.ENODATA, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL})
+
+
+@contextmanager
+def _errors(what: str, target: object = "") -> Iterator[None]:
+    try:
+        yield
+    except pyfuse3.FUSEError:
+        raise
+    except (trio.Cancelled, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the one place errors become errnos
+        code, transient = classify(exc)
+        if code in _QUIET_ERRNOS and not transient:
+            log.debug("%s %s: %s", what, target, exc)
+        elif isinstance(exc, OSError):
+            log.warning("%s %s: %s (%s)", what, target, exc, errno.errorcode.get(code, code))
+        else:
+            log.exception("%s %s failed unexpectedly", what, target)
+            code = errno.EIO
+        raise pyfuse3.FUSEError(code) from None
+
+
+class Operations(pyfuse3.Operations):
+    """Kernel requests → :class:`FileSystem` calls."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        fs: FileSystem,
+        *,
+        uid: int,
+        gid: int,
+        umask: int,
+        attr_ttl: float,
+        entry_ttl: float,
+        negative_ttl: float,
+        block_size: int,
+    ) -> None:
+        super().__init__()
+        self.fs = fs
+        self._uid, self._gid = uid, gid
+        self._file_mode = stat.S_IFREG | (0o666 & ~umask)
+        self._dir_mode = stat.S_IFDIR | (0o777 & ~umask)
+        self._attr_ttl, self._entry_ttl, self._negative_ttl = attr_ttl, entry_ttl, negative_ttl
+        self._block_size = block_size
+
+    # -- conversions --------------------------------------------------------------
+
+    def _attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        info: ObjectInfo = inode.info
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode.ino
+        attrs.generation = 0
+        attrs.entry_timeout = self._entry_ttl
+        attrs.attr_timeout = self._attr_ttl
+        attrs.st_mode = self._dir_mode if info.is_dir else self._file_mode
+        attrs.st_nlink = 1  # "unknown": keeps find(1) from trusting a subdirectory count
+        attrs.st_uid, attrs.st_gid = self._uid, self._gid
+        attrs.st_size = info.size
+        attrs.st_blksize = 128 * 1024
+        attrs.st_blocks = (info.size + 511) // 512
+        mtime = info.mtime or self.fs.mounted_at
+        ns = int(mtime * 1e9)
+        attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = ns
+        return attrs
+
+    @staticmethod
+    def _name(raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    # -- lookups and attributes ------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        text = self._name(name)
+        try:
+            with _errors("lookup", text):
+                inode = await self.fs.lookup(parent_inode, text)
+        except pyfuse3.FUSEError as exc:
+            if exc.errno == errno.ENOENT and self._negative_ttl > 0:
+                negative = pyfuse3.EntryAttributes()
+                negative.st_ino = 0
+                negative.entry_timeout = self._negative_ttl
+                return negative
+            raise
+        return self._attributes(inode)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            try:
+                self.fs.forget(ino, count)
+            except Exception:  # noqa: BLE001 - forget must never raise
+                log.exception("forget of inode %d failed", ino)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors("getattr", inode):
+            return self._attributes(await self.fs.getattr(inode))
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return True
+
+    # -- directories ------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        with _errors("opendir", inode):
+            return await self.fs.opendir(inode)
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        with _errors("readdir", fh):
+            handle = self.fs.dir_handle(fh)
+            parent = handle.inode.path
+            table = self.fs.inodes
+            for position in range(start_id, len(handle.entries)):
+                name, info = handle.entries[position]
+                path = f"{parent}/{name}" if parent else name
+                known = table.by_path(path)
+                if known is not None and known.info.is_dir == info.is_dir:
+                    table.refresh(known, info)
+                    attrs = self._attributes(known)
+                else:
+                    attrs = self._attributes(_Transient(table.number_for(path), path, info))
+                if not pyfuse3.readdir_reply(token, name.encode("utf-8"), attrs, position + 1):
+                    return
+                table.remember(path, info)
+
+    async def releasedir(self, fh: int) -> None:
+        self.fs.releasedir(fh)
+
+    # -- files ----------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        with _errors("open", inode):
+            fh, keep_cache = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        with _errors("read", fh):
+            return await self.fs.read(fh, off, size)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def release(self, fh: int) -> None:
+        with _errors("release", fh):
+            self.fs.release(fh)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = self._block_size
+        data.f_frsize = 4096
+        # Object stores have no fixed capacity: report 1 PiB so tools that check
+        # free space before writing do not refuse.
+        data.f_blocks = data.f_bfree = data.f_bavail = (1 << 50) // data.f_frsize
+        data.f_files = data.f_ffree = data.f_favail = 1 << 32
+        data.f_namemax = 255
+        return data
+
+    # -- writes: not in this read-only build ---------------------------------------------
+
+    async def _read_only(self, *args: object, **kwargs: object) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only  # type: ignore[assignment]
+    create = write = setxattr = removexattr = _read_only  # type: ignore[assignment]
+
+
+class _Transient:
+    """An inode-shaped view for a readdir entry the kernel has not accepted yet."""
+
+    __slots__ = ("ino", "path", "info")
+
+    def __init__(self, ino: int, path: str, info: ObjectInfo) -> None:
+        self.ino, self.path, self.info = ino, path, info
+
+
+def mount_options(*, fsname: str, read_only: bool, allow_other: bool, default_permissions: bool) -> set[str]:
+    options = {f"fsname={fsname}", "subtype=gstore", "noatime"}
+    if read_only:
+        options.add("ro")
+    if allow_other:
+        options.add("allow_other")
+    if default_permissions or allow_other:
+        options.add("default_permissions")
+    return options
+
+
+__all__ = ["Operations", "mount_options"]

@@ -1,0 +1,184 @@
+"""Bounded, TTL-limited memory of what the backend said about paths.
+
+Three caches, all from cachetools and all bounded:
+
+* listings: a directory's children, weighted by entry count, so the bound is
+  on entries rather than directories. A fresh listing answers every stat and
+  lookup inside it, positive or negative, without a request: ``ls -l`` of a
+  10,000-object prefix costs one paginated LIST and no HEAD.
+* attributes: single stat results for paths looked up outside a fresh listing.
+* negatives: paths the backend said do not exist, for a shorter TTL.
+
+Only a definite "not found" is cached negatively; transient errors (timeouts,
+5xx, throttling) propagate to the caller and leave no trace here. Concurrent
+requests for the same path or directory share one backend call.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import cachetools
+import trio
+
+from gstore.backends.base import Backend, Listing, ObjectInfo
+from gstore.vfs.inodes import parent_path
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ROOT_INFO = ObjectInfo(name="", is_dir=True)
+
+
+class _SingleFlight:
+    """At most one backend call per key at a time; later callers wait for its result."""
+
+    def __init__(self) -> None:
+        self._running: dict[object, tuple[trio.Event, list[object]]] = {}
+
+    async def run(self, key: object, call: Callable[[], Awaitable[T]]) -> T:
+        running = self._running.get(key)
+        if running is not None:
+            event, outcome = running
+            await event.wait()
+            if outcome and isinstance(outcome[0], BaseException):
+                raise outcome[0]
+            if outcome:
+                return outcome[0]  # type: ignore[return-value]
+            # The first caller was cancelled before finishing: try ourselves.
+            return await self.run(key, call)
+        event, outcome = trio.Event(), []
+        self._running[key] = (event, outcome)
+        try:
+            result = await call()
+            outcome.append(result)
+            return result
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            outcome.append(exc)
+            raise
+        finally:
+            del self._running[key]
+            event.set()
+
+
+class MetadataCache:
+    """The filesystem's view of backend metadata."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        attr_ttl: float,
+        dir_ttl: float,
+        negative_ttl: float,
+        max_entries: int,
+    ) -> None:
+        self._backend = backend
+        self._listings: cachetools.TTLCache[str, Listing] = cachetools.TTLCache(
+            maxsize=max(1, max_entries), ttl=max(dir_ttl, 0.001), getsizeof=lambda l: max(1, len(l.entries))
+        )
+        small = max(1, max_entries // 4)
+        self._attrs: cachetools.TTLCache[str, ObjectInfo] = cachetools.TTLCache(
+            maxsize=small, ttl=max(attr_ttl, 0.001)
+        )
+        self._negatives: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
+            maxsize=small, ttl=max(negative_ttl, 0.001)
+        )
+        self._enabled = {"attr": attr_ttl > 0, "dir": dir_ttl > 0, "neg": negative_ttl > 0}
+        self._flight = _SingleFlight()
+        self._reported: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=10_000)
+        self.stats = {"listings": 0, "stats": 0, "listing_hits": 0, "attr_hits": 0, "negative_hits": 0}
+
+    # -- queries -----------------------------------------------------------------
+
+    def cached(self, path: str) -> ObjectInfo | None:
+        """What the caches know about ``path`` right now, without any request.
+
+        Raises ``FileNotFoundError`` when a fresh answer says it does not exist.
+        """
+        if path == "":
+            return ROOT_INFO
+        info = self._attrs.get(path)
+        if info is not None:
+            self.stats["attr_hits"] += 1
+            return info
+        parent = parent_path(path)
+        listing = self._listings.get(parent)
+        if listing is not None:
+            self.stats["listing_hits"] += 1
+            name = path.rsplit("/", 1)[-1]
+            found = listing.entries.get(name)
+            if found is None:
+                raise FileNotFoundError(errno.ENOENT, path)
+            return found
+        if path in self._negatives:
+            self.stats["negative_hits"] += 1
+            raise FileNotFoundError(errno.ENOENT, path)
+        return None
+
+    async def stat(self, path: str) -> ObjectInfo:
+        info = self.cached(path)
+        if info is not None:
+            return info
+        return await self._flight.run(("stat", path), lambda: self._fetch_stat(path))
+
+    async def _fetch_stat(self, path: str) -> ObjectInfo:
+        self.stats["stats"] += 1
+        try:
+            info = await self._backend.stat(path)
+        except FileNotFoundError:
+            if self._enabled["neg"]:
+                self._negatives[path] = True
+            raise
+        self._negatives.pop(path, None)
+        if self._enabled["attr"]:
+            self._attrs[path] = info
+        return info
+
+    async def list_dir(self, path: str) -> Listing:
+        listing = self._listings.get(path)
+        if listing is not None:
+            return listing
+        return await self._flight.run(("list", path), lambda: self._fetch_listing(path))
+
+    async def _fetch_listing(self, path: str) -> Listing:
+        self.stats["listings"] += 1
+        listing = await self._backend.list_dir(path)
+        for raw, reason in listing.skipped:
+            if raw not in self._reported:
+                self._reported[raw] = True
+                log.warning("not shown: key %r: %s", raw, reason)
+        if self._enabled["dir"]:
+            try:
+                self._listings[path] = listing
+            except ValueError:
+                log.info("listing of %r has %d entries, more than the metadata bound; not cached",
+                         path, len(listing.entries))
+        # Entries of a fresh listing supersede older single-path answers.
+        prefix = f"{path}/" if path else ""
+        for name in listing.entries:
+            self._attrs.pop(prefix + name, None)
+            self._negatives.pop(prefix + name, None)
+        return listing
+
+    # -- invalidation ------------------------------------------------------------
+
+    def forget_path(self, path: str) -> None:
+        """Drop everything known about ``path`` and its parent's listing."""
+        self._attrs.pop(path, None)
+        self._negatives.pop(path, None)
+        self._listings.pop(path, None)
+        self._listings.pop(parent_path(path), None)
+
+    def clear(self) -> None:
+        self._attrs.clear()
+        self._negatives.clear()
+        self._listings.clear()
+
+    def entry_count(self) -> int:
+        return int(self._listings.currsize) + len(self._attrs) + len(self._negatives)
