@@ -159,9 +159,11 @@ def test_ls_of_10000_objects_is_one_paginated_listing(s3, mount):
     lines = [l for l in out.splitlines() if l.startswith("-")]
     assert len(lines) == 10_000
     counts = s3.stats()
-    assert counts["HEAD"] == 0, counts
+    # The lookup of "many" itself is one HEAD (404) and one LIST; the 10,000 entries
+    # cost 10 pages of LIST and not a single request each.
+    assert counts["HEAD"] <= 1, counts
     assert counts["GET"] == 0, counts
-    assert counts["LIST"] <= 12, counts  # 10 pages of 1,000 plus the lookup of "many"
+    assert counts["LIST"] <= 11, counts
     # Warm: nothing at all goes to the backend.
     s3.reset_stats()
     subprocess.run(["ls", "-l", str(m.path / "many")], check=True, capture_output=True)
@@ -173,6 +175,7 @@ def test_subfolder_mount_cannot_see_outside_its_prefix(s3, mount):
     s3.put("inside/sub/b.txt", b"in2")
     s3.put("inside-not/c.txt", b"sibling with a common string prefix")
     s3.put("outside.txt", b"out")
+    s3.reset_stats()
     m = mount("test:inside")
     assert sorted(os.listdir(m.path)) == ["a.txt", "sub"]
     assert not (m.path / "outside.txt").exists()
@@ -251,8 +254,8 @@ def test_read_only_mount_refuses_writes(s3, mount):
 def test_ffprobe_of_a_large_video_fetches_a_small_fraction(s3, mount, tmp_path):
     video = tmp_path / "clip.mp4"
     subprocess.run(
-        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=640x360:rate=25", "-t", "20",
-         "-c:v", "mpeg4", "-q:v", "1", "-y", str(video)],
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=640x360:rate=25,noise=alls=60:allf=t",
+         "-t", "20", "-c:v", "mpeg4", "-q:v", "2", "-y", str(video)],
         check=True,
     )
     data = video.read_bytes()
