@@ -179,6 +179,11 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
     options = request.options
     spec = request.backend
     log.info("gstore %s starting: %s on %s", __version__, spec.display(), request.mountpoint)
+    log.info(
+        "cache %s (%d bytes, blocks of %d), readahead %d, ttl attr %gs dir %gs negative %gs%s",
+        state_dir, options.cache_size, options.block_size, options.readahead, options.attr_ttl,
+        options.dir_cache_ttl, options.negative_ttl, ", read-only" if options.read_only else "",
+    )
     if spec.source == "<built-in>" and spec.protocol == "file":
         Path(spec.root).mkdir(parents=True, exist_ok=True)  # the built-in local folder
     try:

@@ -110,6 +110,7 @@ class RequestRecord:
     status: int
     bytes_sent: int
     fast_path: bool = False  # served by our range fast path rather than by moto
+    prefix: str | None = None  # the Prefix parameter of a listing
 
 
 class RequestStats:
@@ -443,6 +444,7 @@ class _Middleware:
         query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         op = _classify(method, bucket, key, query, environ)
         record = RequestRecord(method, op, bucket, key, environ.get("HTTP_RANGE"), 0, 0)
+        record.prefix = query.get("prefix", [None])[0]
         gen = stats._begin(record)
         if "wsgi.input" in environ:
             environ["wsgi.input"] = _CountingInput(
@@ -818,6 +820,23 @@ class S3TestServer:
         return self._server is not None
 
     # -- state
+    def seed(self, bucket: str, objects: dict[str, bytes]) -> None:
+        """Store many objects straight into moto's backend, without HTTP.
+
+        For fixtures that need thousands of keys (a 10,000-object listing):
+        the objects are real moto objects, listed and served like any other.
+        The bucket must exist. Not counted in the stats.
+        """
+        from moto.s3.models import s3_backends
+
+        location = s3_backends.bucket_accounts.get(bucket)
+        if location is None:
+            raise KeyError(f"no bucket {bucket!r}")
+        partition, account_id = location
+        backend = s3_backends[account_id][partition]
+        for key, value in objects.items():
+            backend.put_object(bucket, key, value)
+
     def reset(self) -> None:
         """Wipe all buckets and objects (all of moto's in-process state) and the stats."""
         app = self._moto_app
