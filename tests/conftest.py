@@ -191,6 +191,11 @@ class MountFactory:
     def cleanup(self) -> None:
         for mount in self._mounts:
             mount.stop()
+        for mount in self._mounts:
+            log = mount.log()
+            # A daemon crash or an unexpected exception is a failure of whatever test saw it.
+            if "Traceback" in log or "failed unexpectedly" in log:
+                pytest.fail(f"the daemon logged an unexpected error:\n{log[-5000:]}")
 
 
 @pytest.fixture

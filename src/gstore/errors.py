@@ -97,10 +97,11 @@ def classify(exc: BaseException) -> tuple[int, bool]:
         return errno.EIO, True
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError, trio.TooSlowError, socket.timeout)):
         return errno.ETIMEDOUT, True
+    # A backend that cannot be reached is an I/O error to the program reading a file.
     if isinstance(exc, (ConnectionError, ssl.SSLError)):
-        return errno.ECONNRESET, True
+        return errno.EIO, True
     if _is_aiohttp_transport_error(exc):
-        return errno.ECONNRESET, True
+        return errno.EIO, True
     if isinstance(exc, FileNotFoundError):
         return errno.ENOENT, False
     if isinstance(exc, PermissionError):
@@ -115,6 +116,20 @@ def classify(exc: BaseException) -> tuple[int, bool]:
     if exc.__cause__ is not None:
         return classify(exc.__cause__)
     return errno.EIO, False
+
+
+def as_backend_error(exc: BaseException, what: str) -> OSError:
+    """Wrap any library exception as an ``OSError`` the upper layers understand.
+
+    ``OSError`` subclasses pass through unchanged; anything else (botocore,
+    aiohttp) becomes a :class:`BackendError` with the original on ``__cause__``.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    code, transient = classify(exc)
+    error = BackendError(code, f"{what}: {type(exc).__name__}: {exc}", transient=transient)
+    error.__cause__ = exc
+    return error
 
 
 def to_errno(exc: BaseException) -> int:

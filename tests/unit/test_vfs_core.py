@@ -30,7 +30,7 @@ class FakeClientError(Exception):
         (FakeClientError("PreconditionFailed", 412), (errno.ESTALE, False)),
         (FakeClientError("Weird", 502), (errno.EIO, True)),
         (TimeoutError(), (errno.ETIMEDOUT, True)),
-        (ConnectionResetError(), (errno.ECONNRESET, True)),
+        (ConnectionResetError(), (errno.EIO, True)),
         (BackendError(errno.EIO, "short", transient=True), (errno.EIO, True)),
         (RuntimeError("bug"), (errno.EIO, False)),
     ],

@@ -24,7 +24,7 @@ from gstore.backends.base import (
     posix_name_problem,
 )
 from gstore.backends.bridge import AsyncioBridge
-from gstore.errors import BackendError
+from gstore.errors import BackendError, as_backend_error
 
 _ETAG_FIELDS = ("ETag", "etag", "md5Hash", "md5", "content_md5")
 _MTIME_FIELDS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
@@ -88,7 +88,13 @@ class FsspecBackend:
         return f"{self.cache_namespace}|{self._full(path)}"
 
     async def _do(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``fs.NAME`` (or the async ``fs._NAME``) without blocking trio."""
+        """Call ``fs.NAME`` (or the async ``fs._NAME``) without blocking trio; errors as OSError."""
+        try:
+            return await self._call(name, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - backends raise OSError only
+            raise as_backend_error(exc, f"{name} {args[0] if args else ''}") from exc
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         if self._bridge is not None:
             return await self._bridge.run(getattr(self._fs, "_" + name)(*args, **kwargs))
         method: Callable[..., Any] = getattr(self._fs, name)

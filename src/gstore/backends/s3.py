@@ -24,7 +24,7 @@ from gstore.backends.base import (
     posix_name_problem,
 )
 from gstore.backends.bridge import AsyncioBridge
-from gstore.errors import BackendError, StaleObjectError, classify
+from gstore.errors import BackendError, StaleObjectError, as_backend_error, classify
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,10 @@ class S3Backend:
         return f"{self.cache_namespace}|{self.key_of(path)}"
 
     async def _call(self, method: str, **kwargs: Any) -> Any:
-        return await self._bridge.run(self._fs._call_s3(method, Bucket=self.bucket, **kwargs))
+        try:
+            return await self._bridge.run(self._fs._call_s3(method, Bucket=self.bucket, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - backends raise OSError only
+            raise as_backend_error(exc, f"{method} {kwargs.get('Key') or kwargs.get('Prefix') or self.bucket}") from exc
 
     # -- Backend protocol ----------------------------------------------------------
 
@@ -177,10 +180,10 @@ class S3Backend:
             kwargs["IfMatch"] = f'"{expect.etag}"'
         try:
             data = await self._bridge.run(self._get_body(kwargs))
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - backends raise OSError only
             if classify(exc)[0] == errno.ESTALE:
                 raise StaleObjectError(f"{path} changed on the backend while open") from exc
-            raise
+            raise as_backend_error(exc, f"get_object {kwargs['Key']} {kwargs['Range']}") from exc
         if len(data) != end - start:
             raise BackendError(
                 errno.EIO,
