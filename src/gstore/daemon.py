@@ -281,6 +281,7 @@ async def _announce_ready(request: MountRequest, startup: Startup, detach: bool,
     """Report success only once the kernel routes requests to us and we answer them."""
     mountpoint = str(request.mountpoint)
     await trio.to_thread.run_sync(_wait_answering, mountpoint, abandon_on_cancel=True)
+    _raise_kernel_readahead(mountpoint, KERNEL_READAHEAD_KIB)
     message = f"mounted {display} on {mountpoint}"
     log.info("%s", message)
     startup.ready(message)
@@ -290,6 +291,24 @@ async def _announce_ready(request: MountRequest, startup: Startup, detach: bool,
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 root.removeHandler(handler)
         _detach_stdio()
+
+
+# The kernel splits sequential reads into requests of its readahead size (128 KiB
+# by default for FUSE). 1 MiB requests cut the per-request cost of a sequential
+# read by four; random reads are not affected (the kernel detects them).
+KERNEL_READAHEAD_KIB = 1024
+
+
+def _raise_kernel_readahead(mountpoint: str, kib: int) -> None:
+    """Set the mount's backing-device readahead (needs root; silently skipped otherwise)."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+        path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        if int(path.read_text()) < kib:
+            path.write_text(f"{kib}\n")
+            log.debug("kernel readahead for %s set to %d KiB", mountpoint, kib)
+    except (OSError, ValueError) as exc:
+        log.debug("kernel readahead left as is: %s", exc)
 
 
 def _wait_answering(mountpoint: str, stat: Callable[[str], os.stat_result] = os.stat) -> None:
