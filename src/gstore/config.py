@@ -134,6 +134,7 @@ class MountOptions:
     request_timeout: float = 60.0
     write_back_delay: float = 5.0
     drain_timeout: float = 300.0
+    conflict: str = "keep-both"
     log_level: str = "INFO"
     log_file: Path | None = None
     fsname: str | None = None
@@ -384,6 +385,15 @@ def _conv_fsname(value: Any, ctx: _Context) -> str:
     return value
 
 
+CONFLICT_POLICIES = ("keep-both", "overwrite", "fail")
+
+
+def _conv_conflict(value: Any, ctx: _Context) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in CONFLICT_POLICIES:
+        raise ConfigError(f"expected one of {', '.join(CONFLICT_POLICIES)}, got {value!r}")
+    return value.strip().lower()
+
+
 @dataclass(frozen=True)
 class _Field:
     name: str
@@ -468,6 +478,9 @@ _FIELDS: dict[str, _Field] = {
                "seconds a written file stays unchanged before it is uploaded", "5"),
         _Field("drain_timeout", _conv_duration, "DUR",
                "seconds to wait for pending uploads when unmounting", "300"),
+        _Field("conflict", _conv_conflict, "POLICY",
+               "when the backend copy changed since this mount read it: keep-both (ours goes to "
+               "NAME.conflict-TIMESTAMP), overwrite (ours wins) or fail (ours stays pending)", "keep-both"),
         _Field("log_level", _conv_level, "LEVEL", f"log verbosity: {', '.join(LOG_LEVELS)}", "INFO"),
         _Field("log_file", _conv_path, "FILE",
                "write the log to FILE",

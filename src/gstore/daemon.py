@@ -175,6 +175,8 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
     from gstore.fuse_ops import Operations, mount_options
     from gstore.vfs.filesystem import FileSystem
     from gstore.vfs.metadata import MetadataCache
+    from gstore.write.staging import StagingArea
+    from gstore.write.writeback import ConflictPolicy, WriteBack
 
     options = request.options
     spec = request.backend
@@ -210,7 +212,29 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
         readahead=options.readahead,
         fetch_concurrency=options.fetch_concurrency,
     )
-    fs = FileSystem(backend, metadata, reader, attr_ttl=options.attr_ttl)
+    writeback = staging = None
+    if not options.read_only:
+        staging = StagingArea(state_dir / "staging")
+    fs = FileSystem(backend, metadata, reader, attr_ttl=options.attr_ttl, staging=staging,
+                    reserve_space=store.reserve)
+    if staging is not None:
+        writeback = WriteBack(
+            backend, staging, read_base=fs.read_base, on_uploaded=fs.uploaded,
+            delay=options.write_back_delay, conflict_policy=ConflictPolicy(options.conflict),
+        )
+        fs.writeback = writeback
+        recovered = staging.load()
+        for staged in recovered:
+            writeback.adopt(staged)
+            writeback.schedule(staged, 0)
+            fs._account(staged.size)  # noqa: SLF001 - startup accounting
+        if recovered:
+            log.warning("%d file(s) written before the last stop were not uploaded yet; uploading them now: %s",
+                        len(recovered), ", ".join(s.path for s in recovered[:10]) + (" ..." if len(recovered) > 10 else ""))
+        orphans = staging.orphans({s.id for s in recovered})
+        for orphan in orphans:
+            log.warning("staging file %s has no journal record (a crash while it was being created); "
+                        "left in place", orphan)
     ops = Operations(
         fs,
         uid=options.uid,
@@ -237,12 +261,17 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
     try:
         async with trio.open_nursery() as nursery:
             reader.attach(nursery)
-            nursery.start_soon(_handle_signals, stopping)
+            if writeback is not None:
+                await nursery.start(writeback.run)
+            nursery.start_soon(_handle_signals, stopping, writeback, options.drain_timeout)
             nursery.start_soon(_announce_ready, request, startup, not options.foreground, spec.display())
             interval = systemd.watchdog_interval()
             if interval:
                 nursery.start_soon(_watchdog, interval)
             await pyfuse3.main(min_tasks=4, max_tasks=128)
+            if writeback is not None and writeback.pending():
+                # Unmounted from outside (umount, fusermount3 -u): the queue still drains.
+                await _drain(writeback, options.drain_timeout)
             nursery.cancel_scope.cancel()
     finally:
         systemd.notify("STOPPING=1")
@@ -262,7 +291,7 @@ class _Stopping:
     reason: str = ""
 
 
-async def _handle_signals(stopping: _Stopping) -> None:
+async def _handle_signals(stopping: _Stopping, writeback: object, drain_timeout: float) -> None:
     import pyfuse3
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -273,15 +302,32 @@ async def _handle_signals(stopping: _Stopping) -> None:
             stopping.reason = signal.Signals(signum).name
             log.info("%s received: stopping", stopping.reason)
             systemd.notify("STOPPING=1")
+            if writeback is not None and writeback.pending():  # type: ignore[attr-defined]
+                # Drain while still mounted, so programs are not stuck on a dead mount meanwhile.
+                await _drain(writeback, drain_timeout)
             pyfuse3.terminate()
             return
+
+
+async def _drain(writeback: object, timeout: float) -> None:
+    pending = writeback.pending()  # type: ignore[attr-defined]
+    log.info("uploading %d pending file(s) before stopping (at most %gs)", len(pending), timeout)
+    systemd.notify(f"STATUS=Draining {len(pending)} pending upload(s)")
+    failures = await writeback.flush(timeout=timeout)  # type: ignore[attr-defined]
+    if failures:
+        log.warning("%d upload(s) not done at stop; kept in the journal for the next start: %s",
+                    len(failures), "; ".join(failures[:20]))
+    else:
+        log.info("all pending uploads are durable")
 
 
 async def _announce_ready(request: MountRequest, startup: Startup, detach: bool, display: str) -> None:
     """Report success only once the kernel routes requests to us and we answer them."""
     mountpoint = str(request.mountpoint)
-    await trio.to_thread.run_sync(_wait_answering, mountpoint, abandon_on_cancel=True)
-    _raise_kernel_readahead(mountpoint, KERNEL_READAHEAD_KIB)
+    # Both calls stat the mount point, which only this process's FUSE loop can
+    # answer: they must run in a worker thread, never on the trio thread.
+    dev = await trio.to_thread.run_sync(_wait_answering, mountpoint, abandon_on_cancel=True)
+    await trio.to_thread.run_sync(_raise_kernel_readahead, dev, KERNEL_READAHEAD_KIB, abandon_on_cancel=True)
     message = f"mounted {display} on {mountpoint}"
     log.info("%s", message)
     startup.ready(message)
@@ -299,24 +345,25 @@ async def _announce_ready(request: MountRequest, startup: Startup, detach: bool,
 KERNEL_READAHEAD_KIB = 1024
 
 
-def _raise_kernel_readahead(mountpoint: str, kib: int) -> None:
+def _raise_kernel_readahead(dev: int, kib: int) -> None:
     """Set the mount's backing-device readahead (needs root; silently skipped otherwise)."""
     try:
-        dev = os.stat(mountpoint).st_dev
         path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
         if int(path.read_text()) < kib:
             path.write_text(f"{kib}\n")
-            log.debug("kernel readahead for %s set to %d KiB", mountpoint, kib)
+            log.debug("kernel readahead of device %d:%d set to %d KiB", os.major(dev), os.minor(dev), kib)
     except (OSError, ValueError) as exc:
         log.debug("kernel readahead left as is: %s", exc)
 
 
-def _wait_answering(mountpoint: str, stat: Callable[[str], os.stat_result] = os.stat) -> None:
+def _wait_answering(mountpoint: str, stat: Callable[[str], os.stat_result] = os.stat) -> int:
+    """Block until the mount point is served by a FUSE filesystem; returns its st_dev."""
     parent_dev = os.stat(os.path.dirname(mountpoint.rstrip("/")) or "/").st_dev
     while True:
         try:
-            if stat(mountpoint).st_dev != parent_dev:
-                return
+            dev = stat(mountpoint).st_dev
+            if dev != parent_dev:
+                return dev
         except OSError as exc:
             if exc.errno not in (errno.ENOTCONN, errno.ENOENT):
                 raise

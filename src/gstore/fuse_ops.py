@@ -146,15 +146,12 @@ class Operations(pyfuse3.Operations):
             for position in range(start_id, len(handle.entries)):
                 name, info = handle.entries[position]
                 path = f"{parent}/{name}" if parent else name
-                known = table.by_path(path)
-                if known is not None and known.info.is_dir == info.is_dir:
-                    table.refresh(known, info)
-                    attrs = self._attributes(known)
-                else:
-                    attrs = self._attributes(_Transient(table.number_for(path), path, info))
-                if not pyfuse3.readdir_reply(token, name.encode("utf-8"), attrs, position + 1):
+                # Register first, so the number sent is the inode that gets the reference
+                # (a kind change moves the path to a new number); undo if not accepted.
+                inode = table.remember(path, info)
+                if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._attributes(inode), position + 1):
+                    table.forget(inode.ino, 1)
                     return
-                table.remember(path, info)
 
     async def releasedir(self, fh: int) -> None:
         self.fs.releasedir(fh)
@@ -163,15 +160,32 @@ class Operations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         with _errors("open", inode):
-            fh, keep_cache = await self.fs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=False)
+            fh, keep_cache, direct_io = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         with _errors("read", fh):
             return await self.fs.read(fh, off, size)
 
     async def flush(self, fh: int) -> None:
-        return None
+        with _errors("flush", fh):
+            await self.fs.flush(fh)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        with _errors("fsync", fh):
+            await self.fs.fsync(fh)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        with _errors("write", fh):
+            return await self.fs.write(fh, off, buf)
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        text = self._name(name)
+        with _errors("create", text):
+            fh, inode = await self.fs.create(parent_inode, text, mode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False), self._attributes(inode)
 
     async def release(self, fh: int) -> None:
         with _errors("release", fh):
@@ -188,22 +202,51 @@ class Operations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    # -- writes: not in this read-only build ---------------------------------------------
+    # -- namespace changes ---------------------------------------------------------------
 
-    async def _read_only(self, *args: object, **kwargs: object) -> None:
-        raise pyfuse3.FUSEError(errno.EROFS)
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        # chown is accepted and ignored: objects have no owner (--uid/--gid say who is shown).
+        with _errors("setattr", inode):
+            result = await self.fs.setattr(
+                inode,
+                size=attr.st_size if fields.update_size else None,
+                mode=attr.st_mode if fields.update_mode else None,
+                mtime=attr.st_mtime_ns / 1e9 if fields.update_mtime else None,
+            )
+        return self._attributes(result)
 
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only  # type: ignore[assignment]
-    create = write = setxattr = removexattr = _read_only  # type: ignore[assignment]
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        text = self._name(name)
+        with _errors("mkdir", text):
+            return self._attributes(await self.fs.mkdir(parent_inode, text))
 
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        text = self._name(name)
+        with _errors("unlink", text):
+            await self.fs.unlink(parent_inode, text)
 
-class _Transient:
-    """An inode-shaped view for a readdir entry the kernel has not accepted yet."""
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        text = self._name(name)
+        with _errors("rmdir", text):
+            await self.fs.rmdir(parent_inode, text)
 
-    __slots__ = ("ino", "path", "info")
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        old, new = self._name(name_old), self._name(name_new)
+        with _errors("rename", f"{old} -> {new}"):
+            await self.fs.rename(parent_inode_old, old, parent_inode_new, new, flags)
 
-    def __init__(self, ino: int, path: str, info: ObjectInfo) -> None:
-        self.ino, self.path, self.info = ino, path, info
+    async def _not_permitted(self, *args: object, **kwargs: object) -> None:
+        # Symlinks, hard links and device nodes have no object-store equivalent
+        # that other tools would understand: refused like on FAT (docs/semantics.md).
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    symlink = link = mknod = _not_permitted  # type: ignore[assignment]
 
 
 def mount_options(*, fsname: str, read_only: bool, allow_other: bool, default_permissions: bool) -> set[str]:

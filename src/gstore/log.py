@@ -29,6 +29,15 @@ _SECRET_ENV = (
 )
 MASK = "***"
 
+# Signing material that libraries print at DEBUG (botocore header dumps), whatever
+# the credential source (profile files, instance metadata, SSO): masked by shape.
+_SECRET_PATTERNS = (
+    re.compile(r"(?i)(x-amz-security-token['\"]?\s*[:=]\s*(?:b?['\"])?)[^'\",\s}&]+"),
+    re.compile(r"(?i)(x-amz-credential=|credential=)[^/,\s'\"&]+"),
+    re.compile(r"(?i)((?:x-amz-)?signature=)[0-9a-f]{16,}"),
+    re.compile(r"(?i)(aws_secret_access_key|aws_session_token|secret_key|session_token)(['\"]?\s*[:=]\s*(?:b?['\"])?)[^'\",\s}]+"),
+)
+
 
 def secret_values(options: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> set[str]:
     """Every credential-looking value in backend options (nested) and the environment."""
@@ -63,11 +72,12 @@ class RedactingFilter(logging.Filter):
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
+        for pattern in _SECRET_PATTERNS:
+            text = pattern.sub(lambda m: m.group(1) + (m.group(2) if m.lastindex and m.lastindex >= 2 else "") + MASK,
+                               text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self._secrets:
-            return True
         message = self.redact(record.getMessage())
         if record.exc_info:
             formatter = logging.Formatter()

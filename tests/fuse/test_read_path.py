@@ -244,7 +244,7 @@ def test_changed_object_is_seen_after_the_ttl(s3, mount):
 
 def test_read_only_mount_refuses_writes(s3, mount):
     s3.put("ro.txt", b"data")
-    m = mount("test:")
+    m = mount("test:", "--read-only")
     with pytest.raises(OSError):
         with open(m.path / "ro.txt", "wb") as f:
             f.write(b"nope")

@@ -30,10 +30,13 @@ class ObjectInfo:
 
     @property
     def identity(self) -> str:
-        if self.version_id and self.version_id != "null":
-            return f"v:{self.version_id}"
+        # The ETag (with the size) names the bytes whether the info came from a
+        # listing (no VersionId) or a HEAD (with one), so both agree. VersionId,
+        # when known, only pins the ranged GETs to the version that was opened.
         if self.etag:
             return f"e:{self.etag}:{self.size}"
+        if self.version_id and self.version_id != "null":
+            return f"v:{self.version_id}"
         return f"s:{self.size}:{self.mtime:.6f}"
 
 
@@ -112,6 +115,10 @@ def posix_name_problem(name: str) -> str | None:
         return f"reserved name {name!r}"
     if "\0" in name:
         return "NUL byte in name"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8"
     if len(name.encode("utf-8", "surrogateescape")) > 255:
         return "name longer than 255 bytes"
     return None

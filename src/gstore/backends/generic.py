@@ -153,3 +153,64 @@ class FsspecBackend:
 
     async def aclose(self) -> None:
         return None
+
+    # -- writes ------------------------------------------------------------------------
+
+    supports_server_copy = False
+    min_copy_part = 0
+
+    def part_size(self, size: int) -> int:
+        return max(size, 1)
+
+    async def put_bytes(
+        self,
+        path: str,
+        data: bytes,
+        *,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> ObjectInfo:
+        await self._do("pipe_file", self._full(path), data)
+        return await self.stat(path)
+
+    async def put_local_file(self, path: str, local_path: str) -> ObjectInfo:
+        await self._do("put_file", local_path, self._full(path))
+        return await self.stat(path)
+
+    async def head(self, path: str) -> ObjectInfo | None:
+        try:
+            info = await self.stat(path)
+        except FileNotFoundError:
+            return None
+        return None if info.is_dir else info
+
+    async def copy(self, source_path: str, target_path: str, source: ObjectInfo) -> None:
+        await self._do("copy", self._full(source_path), self._full(target_path))
+
+    async def delete(self, path: str) -> None:
+        await self._do("rm_file", self._full(path))
+
+    async def make_dir(self, path: str) -> None:
+        await self._do("makedirs", self._full(path), exist_ok=True)
+
+    async def remove_dir_marker(self, path: str) -> None:
+        try:
+            await self._do("rmdir", self._full(path))
+        except FileNotFoundError:
+            pass
+
+    async def walk(self, path: str) -> list[ObjectInfo]:
+        full = self._full(path).rstrip("/")
+        found = await self._do("find", full, withdirs=True, detail=True)
+        out = []
+        for name, entry in found.items():
+            rel = str(name).rstrip("/")
+            strip = full.lstrip("/")
+            rel = rel.lstrip("/")
+            if rel == strip or not rel.startswith(strip + "/" if strip else ""):
+                continue
+            rel = rel[len(strip) + 1 :] if strip else rel
+            out.append(info_to_object(entry, rel))
+        return out

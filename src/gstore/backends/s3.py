@@ -13,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import trio
 
 from gstore.backends.base import (
     Listing,
@@ -48,7 +51,177 @@ def redact_url(url: str) -> str:
     return url
 
 
-class S3Backend:
+# -- writes ------------------------------------------------------------------------
+# Kept apart from the read methods above: everything that changes the bucket.
+
+MIN_PART = 5 * 1024 * 1024
+MAX_PARTS = 10_000
+
+
+def part_size_for(size: int, preferred: int = 16 * 1024 * 1024) -> int:
+    """A part size S3 accepts for an object of ``size`` bytes (at most 10,000 parts)."""
+    needed = -(-size // MAX_PARTS)
+    return max(MIN_PART, preferred, needed)
+
+
+def _md5_b64(data: bytes) -> str:
+    import base64
+    import hashlib
+
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+class S3Writes:
+    """Write operations of :class:`S3Backend` (mixed in below)."""
+
+    supports_server_copy = True
+    min_copy_part = MIN_PART
+
+    def part_size(self, size: int) -> int:
+        return part_size_for(size)
+
+    async def put_bytes(
+        self,
+        path: str,
+        data: bytes,
+        *,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> ObjectInfo:
+        """One PutObject; the server verifies Content-MD5, the caller gets the new ETag."""
+        kwargs: dict[str, Any] = {"Key": self.key_of(path), "Body": data, "ContentMD5": _md5_b64(data)}
+        if content_type:
+            kwargs["ContentType"] = content_type
+        if metadata:
+            kwargs["Metadata"] = metadata
+        if if_match:
+            kwargs["IfMatch"] = f'"{if_match}"'
+        if if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        response = await self._call("put_object", **kwargs)
+        return ObjectInfo(
+            name=path.rsplit("/", 1)[-1],
+            is_dir=False,
+            size=len(data),
+            mtime=time.time(),
+            etag=_strip_etag(response.get("ETag")),
+            version_id=response.get("VersionId"),
+            content_type=content_type,
+        )
+
+    async def start_multipart(self, path: str, *, content_type: str | None, metadata: dict[str, str] | None) -> str:
+        kwargs: dict[str, Any] = {"Key": self.key_of(path)}
+        if content_type:
+            kwargs["ContentType"] = content_type
+        if metadata:
+            kwargs["Metadata"] = metadata
+        response = await self._call("create_multipart_upload", **kwargs)
+        return str(response["UploadId"])
+
+    async def upload_part(self, path: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+        response = await self._call(
+            "upload_part", Key=self.key_of(path), UploadId=upload_id, PartNumber=number, Body=data,
+            ContentMD5=_md5_b64(data),
+        )
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
+    async def copy_part(
+        self, path: str, upload_id: str, number: int, source_path: str, source: ObjectInfo, start: int, end: int
+    ) -> dict[str, Any]:
+        copy_source: dict[str, str] = {"Bucket": self.bucket, "Key": self.key_of(source_path)}
+        kwargs: dict[str, Any] = {}
+        if source.version_id and source.version_id != "null":
+            copy_source["VersionId"] = source.version_id
+        elif source.etag:
+            kwargs["CopySourceIfMatch"] = f'"{source.etag}"'
+        response = await self._call(
+            "upload_part_copy", Key=self.key_of(path), UploadId=upload_id, PartNumber=number,
+            CopySource=copy_source, CopySourceRange=f"bytes={start}-{end - 1}", **kwargs,
+        )
+        return {"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]}
+
+    async def complete_multipart(
+        self, path: str, upload_id: str, parts: list[dict[str, Any]], *, if_match: str | None, if_none_match: bool
+    ) -> None:
+        kwargs: dict[str, Any] = {}
+        if if_match:
+            kwargs["IfMatch"] = f'"{if_match}"'
+        if if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        await self._call(
+            "complete_multipart_upload", Key=self.key_of(path), UploadId=upload_id,
+            MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])}, **kwargs,
+        )
+
+    async def abort_multipart(self, path: str, upload_id: str) -> None:
+        await self._call("abort_multipart_upload", Key=self.key_of(path), UploadId=upload_id)
+
+    async def head(self, path: str) -> ObjectInfo | None:
+        """The object at ``path`` (not a directory), or None."""
+        try:
+            head = await self._call("head_object", Key=self.key_of(path))
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(
+            name=path.rsplit("/", 1)[-1], is_dir=False, size=int(head.get("ContentLength", 0)),
+            mtime=_timestamp(head.get("LastModified")), etag=_strip_etag(head.get("ETag")),
+            version_id=head.get("VersionId"), content_type=head.get("ContentType"),
+        )
+
+    async def copy(self, source_path: str, target_path: str, source: ObjectInfo) -> None:
+        """Server-side copy of one object, keeping its metadata; no bytes pass through us."""
+        if source.size > 5 * 1024**3:
+            upload_id = await self.start_multipart(target_path, content_type=source.content_type, metadata=None)
+            try:
+                size = self.part_size(source.size)
+                parts = []
+                for number, start in enumerate(range(0, source.size, size), start=1):
+                    end = min(source.size, start + size)
+                    parts.append(await self.copy_part(target_path, upload_id, number, source_path, source, start, end))
+                await self.complete_multipart(target_path, upload_id, parts, if_match=None, if_none_match=False)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.abort_multipart(target_path, upload_id)
+                raise
+            return
+        copy_source: dict[str, str] = {"Bucket": self.bucket, "Key": self.key_of(source_path)}
+        if source.version_id and source.version_id != "null":
+            copy_source["VersionId"] = source.version_id
+        await self._call("copy_object", Key=self.key_of(target_path), CopySource=copy_source)
+
+    async def delete(self, path: str) -> None:
+        await self._call("delete_object", Key=self.key_of(path))
+
+    async def make_dir(self, path: str) -> None:
+        await self._call("put_object", Key=self.key_of(path) + "/", Body=b"")
+
+    async def remove_dir_marker(self, path: str) -> None:
+        await self._call("delete_object", Key=self.key_of(path) + "/")
+
+    async def walk(self, path: str) -> list[ObjectInfo]:
+        """Every object below directory ``path`` (names relative to it), markers included."""
+        base = self.key_of(path)
+        key_prefix = f"{base}/" if base else ""
+        found: list[ObjectInfo] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": key_prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = await self._call("list_objects_v2", **kwargs)
+            for item in page.get("Contents", ()):
+                found.append(ObjectInfo(
+                    name=item["Key"][len(key_prefix):], is_dir=item["Key"].endswith("/"),
+                    size=int(item.get("Size", 0)), etag=_strip_etag(item.get("ETag")),
+                ))
+            token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+            if not token:
+                return found
+
+
+class S3Backend(S3Writes):
     """A bucket, or a prefix inside one, seen through s3fs."""
 
     def __init__(self, fs: Any, root: str, *, request_timeout: float | None = None) -> None:

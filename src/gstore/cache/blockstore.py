@@ -134,6 +134,7 @@ class BlockStore:
             raise ValueError(f"block store capacity must be a positive int, not {capacity!r}")
         self._root = os.fspath(root)
         self._capacity = capacity
+        self._reserved = 0
         self._lock = threading.Lock()
         self._index: OrderedDict[_Key, _Entry] = OrderedDict()
         self._used = 0
@@ -392,7 +393,7 @@ class BlockStore:
                         trash.append(moved)
                 # Make room first, so that usage() (read without the lock) never
                 # sees more than the capacity, even for an instant.
-                self._evict_locked(self._capacity - size, trash)
+                self._evict_locked(max(0, self._capacity - self._reserved - size), trash)
                 try:
                     os.replace(tmp, final)
                 except OSError as exc:
@@ -481,6 +482,20 @@ class BlockStore:
                 if moved is not None:
                     trash.append(moved)
         return count, trash
+
+    def reserve(self, nbytes: int) -> None:
+        """Set aside ``nbytes`` of the capacity for data that must not be evicted.
+
+        Staged (not yet uploaded) files count toward ``--cache-size``: the
+        write-back layer reports their size here and cached blocks are evicted
+        to keep the total within the capacity. Dirty data itself is never evicted.
+        """
+        trash: list[str] = []
+        with self._lock:
+            self._reserved = max(0, nbytes)
+            self._evict_locked(max(0, self._capacity - self._reserved), trash)
+        for path in trash:
+            _unlink_quietly(path)
 
     def discard_object(self, object_key: str) -> None:
         """Remove every block of an object (a scan of the index: meant to be rare)."""

@@ -119,7 +119,7 @@ class BlockReader:
             self.stats.hit_bytes += len(data)
             return data
         self.stats.miss_bytes += hi - lo
-        block = await self._fetch(stream, index, prefetch=False)
+        block = await self._fetch(stream, index)
         return block[lo:hi]
 
     def _block_len(self, info: ObjectInfo, index: int) -> int:
@@ -128,28 +128,22 @@ class BlockReader:
 
     # -- fetching ------------------------------------------------------------------
 
-    async def _fetch(self, stream: ReadStream, index: int, *, prefetch: bool) -> bytes:
+    async def _fetch(self, stream: ReadStream, index: int) -> bytes:
+        """The block's bytes, fetched once however many readers want them."""
         key = (stream.cache_key, index)
         running = self._inflight.get(key)
         if running is not None:
             await running.done.wait()
             if running.data is not None:
                 return running.data
-            if prefetch:
-                raise running.error or OSError("fetch failed")
-            # A failed or cancelled prefetch must not fail a demand read: try again.
-            return await self._fetch(stream, index, prefetch=False)
+            # That fetch failed or was cancelled; its error belongs to its own
+            # caller (never re-raise another task's Cancelled): try again here.
+            return await self._fetch(stream, index)
         job = _Fetch()
         self._inflight[key] = job
         try:
-            limiter = self._prefetch_limiter if prefetch else None
-            if limiter is not None:
-                async with limiter:
-                    data = await self._download(stream, index)
-            else:
-                data = await self._download(stream, index)
-            job.data = data
-            return data
+            job.data = await self._download(stream, index)
+            return job.data
         except BaseException as exc:
             job.error = exc
             raise
@@ -207,8 +201,14 @@ class BlockReader:
         stream.prefetched_to = max(stream.prefetched_to, target)
 
     async def _prefetch_one(self, stream: ReadStream, index: int) -> None:
-        try:
-            await self._fetch(stream, index, prefetch=True)
-        except Exception as exc:  # noqa: BLE001 - a demand read will retry and report
-            self.stats.fetch_errors += 1
-            log.debug("prefetch of block %d of %s failed: %s", index, stream.path, exc)
+        # The prefetch takes its slot *before* it registers as in flight, so a
+        # demand read of a block still waiting for a slot fetches it itself
+        # instead of queueing behind every other prefetch.
+        async with self._prefetch_limiter:
+            if self._store.contains(stream.cache_key, index) or (stream.cache_key, index) in self._inflight:
+                return
+            try:
+                await self._fetch(stream, index)
+            except Exception as exc:  # noqa: BLE001 - a demand read will retry and report
+                self.stats.fetch_errors += 1
+                log.debug("prefetch of block %d of %s failed: %s", index, stream.path, exc)

@@ -4,6 +4,10 @@
 its results back into pyfuse3 structures; everything here can be driven from
 a plain trio test. Errors are raised as ``OSError`` (with an errno) and turned
 into FUSE errors only by the adapter.
+
+Pending writes are an overlay: a path with a staged file is answered from the
+staging area (size, mtime, bytes) whatever the backend or the metadata cache
+say, so this host sees its writes at once.
 """
 
 from __future__ import annotations
@@ -14,13 +18,21 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
+
+import trio
 
 from gstore.backends.base import Backend, ObjectInfo
 from gstore.cache.reader import BlockReader, ReadStream
+from gstore.errors import StaleObjectError
 from gstore.vfs.inodes import ROOT_INODE, Inode, InodeTable, parent_path
 from gstore.vfs.metadata import ROOT_INFO, MetadataCache
+from gstore.write.staging import EXPECT_ABSENT, StagedFile, StagingArea
+from gstore.write.writeback import WriteBack
 
 log = logging.getLogger(__name__)
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 
 
 def _err(code: int, what: str) -> OSError:
@@ -37,21 +49,42 @@ class DirHandle:
 @dataclass(slots=True)
 class FileHandle:
     inode: Inode
-    stream: ReadStream
+    stream: ReadStream | None
+    staged: StagedFile | None = None  # set for handles opened for writing
+    writable: bool = False
+    identity: str | None = None  # the object version a read handle pinned
 
 
 class FileSystem:
     """Path-level operations of one mount."""
 
-    def __init__(self, backend: Backend, metadata: MetadataCache, reader: BlockReader, *, attr_ttl: float) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        metadata: MetadataCache,
+        reader: BlockReader,
+        *,
+        attr_ttl: float,
+        writeback: WriteBack | None = None,
+        staging: StagingArea | None = None,
+        reserve_space: Any = None,
+    ) -> None:
         self.backend = backend
         self.metadata = metadata
         self.reader = reader
+        self.writeback = writeback
+        self.staging = staging
         self.inodes = InodeTable(ROOT_INFO)
         self._attr_ttl = attr_ttl
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_handle = itertools.count(1)
+        self._reserve_space = reserve_space or (lambda nbytes: None)
+        self._staged_bytes = 0
         self.mounted_at = time.time()
+
+    @property
+    def read_only(self) -> bool:
+        return self.writeback is None
 
     # -- names and inodes ------------------------------------------------------------
 
@@ -69,6 +102,15 @@ class FileSystem:
             raise _err(errno.ENAMETOOLONG, name)
         return f"{parent.path}/{name}" if parent.path else name
 
+    def _staged(self, path: str) -> StagedFile | None:
+        return self.writeback.get(path) if self.writeback is not None else None
+
+    async def stat_path(self, path: str) -> ObjectInfo:
+        staged = self._staged(path)
+        if staged is not None:
+            return staged.info()
+        return await self.metadata.stat(path)
+
     async def lookup(self, parent_ino: int, name: str) -> Inode:
         """Resolve ``name`` in a directory; adds one kernel reference to the result."""
         parent = self.inode(parent_ino)
@@ -82,15 +124,17 @@ class FileSystem:
             info = known.info if known else await self.metadata.stat(path)
             return self.inodes.remember(path, info)
         path = self.child_path(parent, name)
-        info = await self.metadata.stat(path)
-        return self.inodes.remember(path, info)
+        return self.inodes.remember(path, await self.stat_path(path))
 
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
 
     async def getattr(self, ino: int) -> Inode:
         inode = self.inode(ino)
-        if ino != ROOT_INODE and time.monotonic() - inode.info_time >= self._attr_ttl:
+        staged = self._staged(inode.path)
+        if staged is not None:
+            self.inodes.refresh(inode, staged.info())
+        elif ino != ROOT_INODE and time.monotonic() - inode.info_time >= self._attr_ttl:
             await self._refresh(inode)
         return inode
 
@@ -101,6 +145,11 @@ class FileSystem:
             if inode.open_handles:
                 return  # an open file keeps the version it opened
             raise
+        if info.is_dir != inode.info.is_dir:
+            # The kernel must never see an inode change kind: this number is gone,
+            # the path gets a new one at its next lookup.
+            self.inodes.detach_path(inode.path)
+            raise _err(errno.ENOENT, inode.path)
         self.inodes.refresh(inode, info)
 
     # -- directories -------------------------------------------------------------------
@@ -109,11 +158,27 @@ class FileSystem:
         inode = self.inode(ino)
         if not inode.info.is_dir:
             raise _err(errno.ENOTDIR, inode.path)
-        listing = await self.metadata.list_dir(inode.path)
-        handle = DirHandle(inode, sorted(listing.entries.items()))
+        entries = await self.list_dir(inode.path)
+        handle = DirHandle(inode, sorted(entries.items()))
         fh = next(self._next_handle)
         self._handles[fh] = handle
         return fh
+
+    async def list_dir(self, path: str) -> dict[str, ObjectInfo]:
+        """The directory's children: the backend listing with pending writes laid over it."""
+        listing = await self.metadata.list_dir(path)
+        if self.writeback is None or not self.writeback.staged:
+            return listing.entries
+        entries = dict(listing.entries)
+        prefix = f"{path}/" if path else ""
+        for staged_path, staged in self.writeback.staged.items():
+            if staged_path.startswith(prefix) and "/" not in staged_path[len(prefix):]:
+                entries[staged_path[len(prefix):]] = staged.info()
+            elif staged_path.startswith(prefix):
+                # A pending file deeper down makes its top directory exist here.
+                top = staged_path[len(prefix):].split("/", 1)[0]
+                entries.setdefault(top, ObjectInfo(name=top, is_dir=True))
+        return entries
 
     def dir_handle(self, fh: int) -> DirHandle:
         handle = self._handles.get(fh)
@@ -124,25 +189,118 @@ class FileSystem:
     def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)
 
-    # -- files -----------------------------------------------------------------------------
+    # -- opening files -----------------------------------------------------------------------
 
-    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
-        """Open for reading; returns the handle and whether the page cache may be kept."""
+    def _require_writable(self, what: str) -> WriteBack:
+        if self.writeback is None:
+            raise _err(errno.EROFS, what)
+        return self.writeback
+
+    async def open(self, ino: int, flags: int) -> tuple[int, bool, bool]:
+        """Open a file; returns the handle, whether the kernel page cache may be kept, direct_io."""
         inode = self.inode(ino)
         if inode.info.is_dir:
             raise _err(errno.EISDIR, inode.path)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise _err(errno.EROFS, inode.path)
+        writing = bool(flags & _WRITE_FLAGS) or bool(flags & os.O_TRUNC)
+        staged = self._staged(inode.path)
+        if writing:
+            writeback = self._require_writable(inode.path)
+            if staged is None:
+                info = await self.metadata.stat(inode.path)
+                staged = await self._stage_existing(inode.path, info, truncate=bool(flags & os.O_TRUNC))
+            elif flags & os.O_TRUNC:
+                await self._truncate_staged(staged, 0)
+            staged.writers += 1
+            writeback.cancel(staged)
+            self.inodes.refresh(inode, staged.info())
+            return self._new_file_handle(inode, None, staged, writable=True), False, False
+        if staged is not None:
+            self.inodes.refresh(inode, staged.info())
+            return self._new_file_handle(inode, None, None), False, False
         if time.monotonic() - inode.info_time >= self._attr_ttl:
             await self._refresh(inode)
         info = inode.info
-        keep_cache = inode.page_cache_identity == info.identity
-        inode.page_cache_identity = info.identity
-        handle = FileHandle(inode, self.reader.open_stream(inode.path, info))
+        identity = info.identity
+        other_versions_open = any(n and i != identity for i, n in inode.open_identities.items())
+        if other_versions_open:
+            # Another handle still reads the previous version through the page
+            # cache: this one bypasses it, and nobody keeps it afterwards.
+            keep_cache, direct_io = False, True
+            inode.page_cache_identity = None
+        else:
+            keep_cache, direct_io = inode.page_cache_identity == identity, False
+            inode.page_cache_identity = identity
+        inode.open_identities[identity] = inode.open_identities.get(identity, 0) + 1
+        fh = self._new_file_handle(inode, self.reader.open_stream(inode.path, info), None)
+        self.file_handle(fh).identity = identity
+        return fh, keep_cache, direct_io
+
+    def _new_file_handle(self, inode: Inode, stream: ReadStream | None, staged: StagedFile | None,
+                         *, writable: bool = False) -> int:
+        if staged is not None:
+            inode.page_cache_identity = None
         self.inodes.opened(inode)
         fh = next(self._next_handle)
-        self._handles[fh] = handle
-        return fh, keep_cache
+        self._handles[fh] = FileHandle(inode, stream, staged, writable)
+        return fh
+
+    async def create(self, parent_ino: int, name: str, mode: int, flags: int) -> tuple[int, Inode]:
+        """Create (or, without O_EXCL, truncate) a file and open it for writing."""
+        parent = self.inode(parent_ino)
+        writeback = self._require_writable(name)
+        path = self.child_path(parent, name)
+        staged = self._staged(path)
+        if staged is not None:
+            if flags & os.O_EXCL:
+                raise _err(errno.EEXIST, path)
+            await self._truncate_staged(staged, 0)
+        else:
+            try:
+                existing = await self.metadata.stat(path)
+            except FileNotFoundError:
+                existing = None
+            if existing is not None:
+                if flags & os.O_EXCL:
+                    raise _err(errno.EEXIST, path)
+                if existing.is_dir:
+                    raise _err(errno.EISDIR, path)
+                staged = await self._stage_existing(path, existing, truncate=True)
+            else:
+                staged = await trio.to_thread.run_sync(
+                    lambda: self._staging().create(path, base=None, expect=EXPECT_ABSENT, size=0)
+                )
+                writeback.adopt(staged)
+        staged.mode = mode & 0o7777
+        staged.writers += 1
+        writeback.cancel(staged)
+        self.metadata.forget_path(path)
+        inode = self.inodes.remember(path, staged.info())
+        return self._new_file_handle(inode, None, staged, writable=True), inode
+
+    def _staging(self) -> StagingArea:
+        assert self.staging is not None
+        return self.staging
+
+    async def _stage_existing(self, path: str, info: ObjectInfo, *, truncate: bool) -> StagedFile:
+        staged = await self._create_stage(path, info, truncate=truncate)
+        self._account(staged.size)
+        return staged
+
+    async def _create_stage(self, path: str, info: ObjectInfo, *, truncate: bool) -> StagedFile:
+        """Start local changes to a remote object: nothing is downloaded now."""
+        if info.is_dir:
+            raise _err(errno.EISDIR, path)
+        expect = f"etag:{info.etag}" if info.etag else None
+        staging = self._staging()
+        if truncate:
+            staged = await trio.to_thread.run_sync(lambda: staging.create(path, base=None, expect=expect, size=0))
+        else:
+            staged = await trio.to_thread.run_sync(
+                lambda: staging.create(path, base=info, expect=expect, size=info.size)
+            )
+        assert self.writeback is not None
+        self.writeback.adopt(staged)
+        return staged
 
     def file_handle(self, fh: int) -> FileHandle:
         handle = self._handles.get(fh)
@@ -150,14 +308,305 @@ class FileSystem:
             raise _err(errno.EBADF, f"file handle {fh}")
         return handle
 
+    # -- reading and writing ------------------------------------------------------------------
+
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.file_handle(fh)
-        return await self.reader.read(handle.stream, offset, size)
+        staged = handle.staged or self._staged(handle.inode.path)
+        if staged is not None:
+            return await self.read_staged(staged, offset, size)
+        assert handle.stream is not None
+        try:
+            return await self.reader.read(handle.stream, offset, size)
+        except StaleObjectError:
+            # The object changed under this handle: the next open must see the new version.
+            self.metadata.forget_path(handle.inode.path)
+            handle.inode.info_time = 0.0
+            raise
+
+    async def read_staged(self, staged: StagedFile, offset: int, size: int) -> bytes:
+        end = min(staged.size, offset + size)
+        if offset >= end:
+            return b""
+        pieces = []
+        for start, stop, local in staged.present.pieces(offset, end):
+            if local:
+                pieces.append(StagingArea.read_local(staged, start, stop - start))
+            else:
+                pieces.append(await self.read_base(staged, start, stop))
+        return b"".join(pieces)
+
+    async def read_base(self, staged: StagedFile, start: int, end: int) -> bytes:
+        """Bytes of the version a staged file's edits apply to (zeros beyond its end)."""
+        base = staged.base
+        if base is None or start >= base.size:
+            return bytes(end - start)
+        stop = min(end, base.size)
+        stream = self.reader.open_stream(staged.base_path or staged.path, base)
+        data = await self.reader.read(stream, start, stop - start)
+        return data + bytes(end - stop)
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self.file_handle(fh)
+        if not handle.writable or handle.staged is None:
+            raise _err(errno.EBADF, handle.inode.path)
+        staged = handle.staged
+        before = staged.size
+        written = StagingArea.write(staged, offset, data)
+        if staged.size != before:
+            self._account(staged.size - before)
+        return written
+
+    def _account(self, delta: int) -> None:
+        self._staged_bytes = max(0, self._staged_bytes + delta)
+        self._reserve_space(self._staged_bytes)
+
+    async def _truncate_staged(self, staged: StagedFile, size: int) -> None:
+        before = staged.size
+        await trio.to_thread.run_sync(StagingArea.truncate, staged, size)
+        self._account(size - before)
+
+    async def flush(self, fh: int) -> None:
+        """close(2) of a descriptor: make what was written durable on local disk."""
+        handle = self._handles.get(fh)
+        if isinstance(handle, FileHandle) and handle.writable and handle.staged is not None:
+            await trio.to_thread.run_sync(self._staging().persist, handle.staged)
+
+    async def fsync(self, fh: int) -> None:
+        """fsync(2): return only once the backend has the file."""
+        handle = self.file_handle(fh)
+        staged = handle.staged or self._staged(handle.inode.path)
+        if staged is None or self.writeback is None:
+            return
+        await trio.to_thread.run_sync(self._staging().persist, staged)
+        failures = await self.writeback.flush([staged])
+        if failures:
+            raise _err(errno.EIO, "; ".join(failures))
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
-        if isinstance(handle, FileHandle):
-            self.inodes.closed(handle.inode)
+        if not isinstance(handle, FileHandle):
+            return
+        if handle.identity is not None:
+            counts = handle.inode.open_identities
+            counts[handle.identity] = counts.get(handle.identity, 1) - 1
+            if counts[handle.identity] <= 0:
+                del counts[handle.identity]
+        self.inodes.closed(handle.inode)
+        staged = handle.staged
+        if staged is None or not handle.writable or self.writeback is None:
+            return
+        staged.writers = max(0, staged.writers - 1)
+        if staged.writers == 0 and not staged.unlinked:
+            if staged.uploaded_generation >= staged.generation:
+                self._retire(staged)
+            else:
+                self.writeback.schedule(staged)
+
+    def _retire(self, staged: StagedFile) -> None:
+        assert self.writeback is not None
+        if self.writeback.staged.get(staged.path) is staged:
+            del self.writeback.staged[staged.path]
+        self._staging().remove(staged)
+        self._account(-staged.size)
+
+    def uploaded(self, staged: StagedFile, info: ObjectInfo) -> None:
+        """Called by the write-back queue once the backend confirmed a staged file."""
+        self._account(-staged.size)
+        self.metadata.forget_path(staged.path)
+        self.metadata.remember(staged.path, info)
+        inode = self.inodes.by_path(staged.path)
+        if inode is not None and info.etag:
+            self.inodes.refresh(inode, info)
+
+    # -- attributes -----------------------------------------------------------------------------
+
+    async def setattr(
+        self, ino: int, *, size: int | None = None, mode: int | None = None, mtime: float | None = None,
+        fh: int | None = None,
+    ) -> Inode:
+        inode = self.inode(ino)
+        staged = self._staged(inode.path)
+        if size is not None:
+            writeback = self._require_writable(inode.path)
+            if inode.info.is_dir:
+                raise _err(errno.EISDIR, inode.path)
+            if staged is None:
+                info = await self.metadata.stat(inode.path)
+                staged = await self._stage_existing(inode.path, info, truncate=size == 0)
+            if staged.size != size:
+                await self._truncate_staged(staged, size)
+            if staged.writers == 0:
+                await trio.to_thread.run_sync(self._staging().persist, staged)
+                writeback.schedule(staged)
+        if staged is not None:
+            if mode is not None:
+                staged.mode = mode & 0o7777
+            if mtime is not None:
+                staged.mtime = mtime
+            self.inodes.refresh(inode, staged.info())
+        elif mtime is not None and not inode.info.is_dir:
+            # A remote object nobody is writing: keep the time for this mount's view only
+            # (rewriting an object's metadata is a full server-side copy). See docs/semantics.md.
+            info = inode.info
+            self.inodes.refresh(inode, ObjectInfo(info.name, info.is_dir, info.size, mtime, info.etag,
+                                                  info.version_id, info.content_type))
+        return inode
+
+    # -- namespace changes ------------------------------------------------------------------------
+
+    async def mkdir(self, parent_ino: int, name: str) -> Inode:
+        parent = self.inode(parent_ino)
+        self._require_writable(name)
+        path = self.child_path(parent, name)
+        if await self._exists(path):
+            raise _err(errno.EEXIST, path)
+        await self.backend.make_dir(path)  # type: ignore[attr-defined]
+        self.metadata.forget_path(path)
+        info = ObjectInfo(name=name, is_dir=True, mtime=time.time())
+        self.metadata.remember(path, info)
+        return self.inodes.remember(path, info)
+
+    async def _exists(self, path: str) -> bool:
+        try:
+            await self.stat_path(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        parent = self.inode(parent_ino)
+        self._require_writable(name)
+        path = self.child_path(parent, name)
+        staged = self._staged(path)
+        if staged is None:
+            info = await self.metadata.stat(path)
+            if info.is_dir:
+                raise _err(errno.EISDIR, path)
+        remote_may_exist = staged is None or staged.expect != EXPECT_ABSENT or staged.uploaded_generation >= 0
+        if staged is not None:
+            assert self.writeback is not None
+            self.writeback.forget(staged)
+            await self.writeback.wait_idle(staged)
+            self._account(-staged.size)
+        if remote_may_exist:
+            await self.backend.delete(path)  # type: ignore[attr-defined]
+        self.metadata.forget_path(path)
+        self.metadata.remember_missing(path)
+        self.inodes.detach_path(path)
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        parent = self.inode(parent_ino)
+        self._require_writable(name)
+        path = self.child_path(parent, name)
+        info = await self.stat_path(path)
+        if not info.is_dir:
+            raise _err(errno.ENOTDIR, path)
+        self.metadata.forget_path(path)
+        if await self.list_dir(path):
+            raise _err(errno.ENOTEMPTY, path)
+        await self.backend.remove_dir_marker(path)  # type: ignore[attr-defined]
+        self.metadata.forget_path(path)
+        self.metadata.remember_missing(path)
+        self.inodes.detach_path(path)
+
+    async def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str, flags: int) -> None:
+        self._require_writable(old_name)
+        old = self.child_path(self.inode(old_parent), old_name)
+        new = self.child_path(self.inode(new_parent), new_name)
+        if flags & 2:  # RENAME_EXCHANGE: an object store cannot swap two keys atomically
+            raise _err(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        source = await self.stat_path(old)
+        try:
+            target: ObjectInfo | None = await self.stat_path(new)
+        except FileNotFoundError:
+            target = None
+        if old == new:
+            return
+        if target is not None:
+            if flags & 1:  # RENAME_NOREPLACE
+                raise _err(errno.EEXIST, new)
+            if source.is_dir and not target.is_dir:
+                raise _err(errno.ENOTDIR, new)
+            if not source.is_dir and target.is_dir:
+                raise _err(errno.EISDIR, new)
+            if target.is_dir and await self.list_dir(new):
+                raise _err(errno.ENOTEMPTY, new)
+        if source.is_dir:
+            if new.startswith(old + "/"):
+                raise _err(errno.EINVAL, f"cannot move {old} into itself")
+            await self._rename_dir(old, new)
+        else:
+            await self._rename_file(old, new, source, target)
+        self.metadata.forget_path(old)
+        self.metadata.forget_path(new)
+        self.metadata.remember_missing(old)
+        name = new.rsplit("/", 1)[-1]
+        self.metadata.remember(new, ObjectInfo(name, source.is_dir, source.size, source.mtime, source.etag,
+                                               None, source.content_type))
+        self.inodes.rename_path(old, new)
+
+    async def _rename_file(self, old: str, new: str, source: ObjectInfo, target: ObjectInfo | None) -> None:
+        assert self.writeback is not None
+        replaced = self._staged(new)
+        if replaced is not None:
+            self.writeback.forget(replaced)
+            await self.writeback.wait_idle(replaced)
+            self._account(-replaced.size)
+        staged = self._staged(old)
+        if staged is None:
+            # Server-side copy, then delete: no byte passes through this host.
+            await self.backend.copy(old, new, source)  # type: ignore[attr-defined]
+            await self.backend.delete(old)  # type: ignore[attr-defined]
+            return
+        await self._move_staged(staged, new, target)
+
+    async def _move_staged(self, staged: StagedFile, new: str, target: ObjectInfo | None) -> None:
+        """Move a pending file: its bytes become complete locally, then the old key goes."""
+        assert self.writeback is not None
+        old = staged.path
+        self.writeback.cancel(staged)
+        await self.writeback.wait_idle(staged)
+        if not staged.complete:
+            await self.writeback._fill(staged, 0, staged.size)  # noqa: SLF001 - same layer
+            staged.base = None
+        remote_old = staged.expect != EXPECT_ABSENT or staged.uploaded_generation >= 0
+        del self.writeback.staged[old]
+        staged.path = new
+        staged.base_path = None
+        staged.expect = f"etag:{target.etag}" if target is not None and target.etag else (
+            EXPECT_ABSENT if target is None else None)
+        staged.generation += 1
+        self.writeback.adopt(staged)
+        await trio.to_thread.run_sync(self._staging().persist, staged)
+        if remote_old:
+            await self.backend.delete(old)  # type: ignore[attr-defined]
+        if staged.writers == 0:
+            self.writeback.schedule(staged)
+
+    async def _rename_dir(self, old: str, new: str) -> None:
+        """Every key under ``old/`` is copied to ``new/`` and deleted: not atomic (docs/semantics.md)."""
+        assert self.writeback is not None
+        prefix = old + "/"
+        for path, staged in list(self.writeback.staged.items()):
+            if path.startswith(prefix):
+                await self._move_staged(staged, new + "/" + path[len(prefix):], None)
+        objects = await self.backend.walk(old)  # type: ignore[attr-defined]
+        if not objects:
+            await self.backend.make_dir(new)  # type: ignore[attr-defined]
+        for info in objects:
+            if info.is_dir:  # a "sub/" marker
+                await self.backend.make_dir(f"{new}/{info.name.rstrip('/')}" if info.name.rstrip("/") else new)  # type: ignore[attr-defined]
+                continue
+            await self.backend.copy(f"{old}/{info.name}", f"{new}/{info.name}", info)  # type: ignore[attr-defined]
+        for info in objects:
+            key = f"{old}/{info.name.rstrip('/')}" if info.name.rstrip("/") else old
+            if info.is_dir:
+                await self.backend.remove_dir_marker(key)  # type: ignore[attr-defined]
+            else:
+                await self.backend.delete(key)  # type: ignore[attr-defined]
+        for path in [old, new]:
+            self.metadata.forget_tree(path)
 
     def open_handle_count(self) -> int:
         return sum(isinstance(h, FileHandle) for h in self._handles.values())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gstore.backends.base import ObjectInfo
 
@@ -31,6 +31,9 @@ class Inode:
     # Identity of the bytes the kernel page cache may hold for this inode; an
     # open keeps the page cache only while the object is still that version.
     page_cache_identity: str | None = None
+    # How many read handles are open per object identity: two versions open at
+    # once must not share the kernel page cache.
+    open_identities: dict[str, int] = field(default_factory=dict)
 
 
 def path_inode_number(path: str, attempt: int = 0) -> int:
@@ -123,3 +126,28 @@ class InodeTable:
         """Unlink ``inode`` from its path; it stays reachable by number until forgotten."""
         if self._by_path.get(inode.path) is inode:
             del self._by_path[inode.path]
+
+    def rename_path(self, old: str, new: str) -> None:
+        """Move ``old`` (and everything below it) to ``new``; a live inode at ``new`` is detached.
+
+        Inode numbers do not change: the kernel keeps its references across a rename.
+        """
+        target = self._by_path.get(new)
+        if target is not None:
+            self._detach(target)
+        prefix = old + "/"
+        moving = [inode for path, inode in self._by_path.items() if path == old or path.startswith(prefix)]
+        for inode in moving:
+            del self._by_path[inode.path]
+        for inode in moving:
+            inode.path = new + inode.path[len(old):]
+            stale = self._by_path.get(inode.path)
+            if stale is not None and stale is not inode:
+                self._detach(stale)
+            self._by_path[inode.path] = inode
+
+    def detach_path(self, path: str) -> None:
+        """``path`` no longer exists; kernel references to its inode stay valid until forgotten."""
+        inode = self._by_path.get(path)
+        if inode is not None:
+            self._detach(inode)

@@ -166,14 +166,42 @@ class MetadataCache:
             self._negatives.pop(prefix + name, None)
         return listing
 
-    # -- invalidation ------------------------------------------------------------
+    # -- changes made through this mount -------------------------------------------
+
+    def _parent_listing(self, path: str) -> tuple[Listing | None, str]:
+        return self._listings.get(parent_path(path)), path.rsplit("/", 1)[-1]
+
+    def remember(self, path: str, info: ObjectInfo) -> None:
+        """This mount just created or changed ``path``: answer from ``info`` from now on."""
+        self._negatives.pop(path, None)
+        if self._enabled["attr"]:
+            self._attrs[path] = info
+        listing, name = self._parent_listing(path)
+        if listing is not None:
+            listing.entries[name] = info
+
+    def remember_missing(self, path: str) -> None:
+        """This mount just removed ``path``."""
+        self._attrs.pop(path, None)
+        self._listings.pop(path, None)
+        if self._enabled["neg"]:
+            self._negatives[path] = True
+        listing, name = self._parent_listing(path)
+        if listing is not None:
+            listing.entries.pop(name, None)
 
     def forget_path(self, path: str) -> None:
-        """Drop everything known about ``path`` and its parent's listing."""
+        """Drop what is known about ``path`` itself (its parent's listing is kept)."""
         self._attrs.pop(path, None)
         self._negatives.pop(path, None)
         self._listings.pop(path, None)
-        self._listings.pop(parent_path(path), None)
+
+    def forget_tree(self, path: str) -> None:
+        """Drop everything known about ``path`` and below (after a directory rename)."""
+        prefix = path + "/"
+        for cache in (self._attrs, self._negatives, self._listings):
+            for key in [k for k in list(cache.keys()) if k == path or k.startswith(prefix)]:
+                cache.pop(key, None)
 
     def clear(self) -> None:
         self._attrs.clear()

@@ -1,0 +1,265 @@
+"""Staged files: what programs wrote, kept on local disk until the backend has it.
+
+Each staged file is two files in ``<state dir>/staging/``:
+
+* ``<id>.data``: the file's bytes at their offsets (sparse where nothing was
+  written or fetched yet);
+* ``<id>.json``: its journal record: the mount path, the remote version the
+  edits apply to (``base``), what the remote object was expected to be when the
+  upload happens (``expect``, for conflict detection), the logical size, the
+  ``dirty`` and ``present`` extents, and mtime/mode.
+
+The record is replaced atomically (temp file, fsync, rename, fsync of the
+directory) at every close, fsync, truncate and rename, after the data file
+itself was fsynced. So after a kill -9 or a power loss, everything a program
+had closed or fsynced is found again at the next start and uploaded; nothing is
+deleted before the backend confirmed the upload.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gstore.backends.base import ObjectInfo
+from gstore.write.extents import Extents
+
+log = logging.getLogger(__name__)
+
+EXPECT_ABSENT = "absent"
+
+
+def _info_to_json(info: ObjectInfo | None) -> dict[str, Any] | None:
+    if info is None:
+        return None
+    return {"size": info.size, "mtime": info.mtime, "etag": info.etag, "version_id": info.version_id,
+            "content_type": info.content_type}
+
+
+def _info_from_json(data: dict[str, Any] | None, name: str) -> ObjectInfo | None:
+    if not data:
+        return None
+    return ObjectInfo(name=name, is_dir=False, size=int(data["size"]), mtime=float(data.get("mtime") or 0),
+                      etag=data.get("etag"), version_id=data.get("version_id"),
+                      content_type=data.get("content_type"))
+
+
+@dataclass(eq=False)
+class StagedFile:
+    """One file with local changes not yet confirmed by the backend."""
+
+    id: str
+    path: str
+    data_path: Path
+    size: int = 0
+    # The remote version whose bytes fill ranges that are not ``present``
+    # (None when every byte is local: a new or truncated file).
+    base: ObjectInfo | None = None
+    base_path: str | None = None
+    # What the remote object must still be at upload time: "etag:<etag>",
+    # EXPECT_ABSENT, or None (no check: the user chose to overwrite).
+    expect: str | None = None
+    dirty: Extents = field(default_factory=Extents)
+    present: Extents = field(default_factory=Extents)
+    mtime: float = field(default_factory=time.time)
+    mode: int = 0o644
+    generation: int = 0
+    created: float = field(default_factory=time.time)
+    # Memory-only state.
+    writers: int = 0
+    unlinked: bool = False
+    uploaded_generation: int = -1  # the generation last confirmed by the backend
+    attempts: int = 0
+    last_error: str | None = None
+    md5: str | None = None  # of the bytes last uploaded, when known
+
+    @property
+    def complete(self) -> bool:
+        """Every byte is in the staging file: no fetch from the base needed."""
+        return self.base is None or self.present.covers(0, self.size)
+
+    def info(self) -> ObjectInfo:
+        return ObjectInfo(name=self.path.rsplit("/", 1)[-1], is_dir=False, size=self.size, mtime=self.mtime)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "version": 1, "id": self.id, "path": self.path, "size": self.size,
+            "base": _info_to_json(self.base), "base_path": self.base_path, "expect": self.expect,
+            "dirty": self.dirty.to_list(), "present": self.present.to_list(),
+            "mtime": self.mtime, "mode": self.mode, "created": self.created,
+        }
+
+
+class StagingArea:
+    """The staging directory: creates, persists, reloads and removes staged files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def create(self, path: str, *, base: ObjectInfo | None, expect: str | None, size: int) -> StagedFile:
+        staged_id = secrets.token_hex(12)
+        data_path = self.root / f"{staged_id}.data"
+        fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            if size:
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        staged = StagedFile(id=staged_id, path=path, data_path=data_path, size=size, base=base,
+                            base_path=path if base else None, expect=expect)
+        if base is None:
+            staged.present.add(0, size)
+        if base is not None:
+            staged.mtime = base.mtime or staged.mtime
+        self.persist(staged, sync_data=False)
+        return staged
+
+    def persist(self, staged: StagedFile, *, sync_data: bool = True) -> None:
+        """Make the staged file's data and record durable (see the module docstring)."""
+        if staged.unlinked:
+            return
+        if sync_data:
+            fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        record = json.dumps(staged.record(), separators=(",", ":")).encode()
+        final = self.root / f"{staged.id}.json"
+        temp = self.root / f".{staged.id}.json.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, record)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, final)
+        self._sync_dir()
+
+    def remove(self, staged: StagedFile) -> None:
+        """Forget a staged file (only after the backend confirmed it, or it was deleted)."""
+        for path in (self.root / f"{staged.id}.json", staged.data_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._sync_dir()
+
+    def load(self) -> list[StagedFile]:
+        """Staged files left by a previous run (crash, kill, or a drain that timed out)."""
+        found: list[StagedFile] = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                entry.unlink(missing_ok=True)
+                continue
+            if entry.suffix != ".json":
+                continue
+            try:
+                data = json.loads(entry.read_text())
+                staged = StagedFile(
+                    id=data["id"], path=data["path"], data_path=self.root / f"{data['id']}.data",
+                    size=int(data["size"]), base=_info_from_json(data.get("base"), data["path"]),
+                    base_path=data.get("base_path"), expect=data.get("expect"),
+                    dirty=Extents(tuple(r) for r in data.get("dirty", [])),
+                    present=Extents(tuple(r) for r in data.get("present", [])),
+                    mtime=float(data.get("mtime", time.time())), mode=int(data.get("mode", 0o644)),
+                    created=float(data.get("created", time.time())),
+                )
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("staging record %s is unreadable (%s); left in place for inspection", entry, exc)
+                continue
+            if not staged.data_path.exists():
+                log.error("staging record %s has no data file; left in place for inspection", entry)
+                continue
+            found.append(staged)
+        return found
+
+    def orphans(self, known: set[str]) -> list[Path]:
+        """Data files without a record (a crash between creating and recording them)."""
+        return [p for p in self.root.glob("*.data") if p.stem not in known]
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- data --------------------------------------------------------------------------
+
+    @staticmethod
+    def write(staged: StagedFile, offset: int, data: bytes) -> int:
+        fd = os.open(staged.data_path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            written = os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, "short write to the staging file")
+        end = offset + written
+        staged.dirty.add(offset, end)
+        staged.present.add(offset, end)
+        if end > staged.size:
+            # Bytes between the old end and this write read as zeros: they are local now.
+            staged.present.add(staged.size, offset)
+            staged.size = end
+        staged.generation += 1
+        staged.mtime = time.time()
+        return written
+
+    @staticmethod
+    def read_local(staged: StagedFile, offset: int, length: int) -> bytes:
+        fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        return data.ljust(length, b"\0")
+
+    @staticmethod
+    def truncate(staged: StagedFile, size: int) -> None:
+        fd = os.open(staged.data_path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        old = staged.size
+        staged.dirty.truncate(size)
+        staged.present.truncate(size)
+        if size > old:
+            staged.present.add(old, size)  # the extension reads as zeros
+            staged.dirty.add(old, size)
+        staged.size = size
+        staged.generation += 1
+        staged.mtime = time.time()
+
+    @staticmethod
+    def fill(staged: StagedFile, offset: int, data: bytes) -> None:
+        """Store bytes fetched from the base version (not a change)."""
+        fd = os.open(staged.data_path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+        staged.present.add(offset, offset + len(data))
+
+    def bytes_on_disk(self) -> int:
+        total = 0
+        for entry in self.root.glob("*.data"):
+            try:
+                total += entry.stat().st_blocks * 512
+            except OSError:
+                pass
+        return total
