@@ -235,6 +235,17 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
         for orphan in orphans:
             log.warning("staging file %s has no journal record (a crash while it was being created); "
                         "left in place", orphan)
+    from gstore.fuse_ops import RECENT_ERRORS
+    from gstore.status import build_status
+    from gstore.vfs.control import ControlFiles
+
+    started = time.time()
+    fs.control = ControlFiles(
+        status=lambda: build_status(request=request, state_dir=state_dir, fs=fs, store=store, reader=reader,
+                                    metadata=metadata, writeback=writeback, started=started,
+                                    recent_errors=RECENT_ERRORS),
+        flush=fs.flush_paths,
+    )
     ops = Operations(
         fs,
         uid=options.uid,

@@ -84,8 +84,10 @@ _TRANSIENT_ERRNOS = frozenset(
 )
 
 
-def classify(exc: BaseException) -> tuple[int, bool]:
+def classify(exc: BaseException, _depth: int = 0) -> tuple[int, bool]:
     """Return ``(errno, transient)`` for any exception a backend call raised."""
+    if _depth > 8:  # a cause chain that long (or a cycle) says nothing more
+        return errno.EIO, False
     if isinstance(exc, BackendError):
         return exc.errno or errno.EIO, exc.transient
     code, status = _botocore_details(exc)
@@ -109,12 +111,12 @@ def classify(exc: BaseException) -> tuple[int, bool]:
     if isinstance(exc, OSError) and exc.errno:
         # fsspec wraps botocore errors in OSError subclasses and keeps the cause.
         if exc.__cause__ is not None:
-            inner = classify(exc.__cause__)
+            inner = classify(exc.__cause__, _depth + 1)
             if inner != (errno.EIO, False):
                 return inner
         return exc.errno, exc.errno in _TRANSIENT_ERRNOS
     if exc.__cause__ is not None:
-        return classify(exc.__cause__)
+        return classify(exc.__cause__, _depth + 1)
     return errno.EIO, False
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -19,6 +21,7 @@ import trio
 
 from gstore.backends.base import ObjectInfo
 from gstore.errors import classify
+from gstore.log import redactor
 from gstore.vfs.filesystem import FileSystem
 from gstore.vfs.inodes import Inode
 
@@ -26,6 +29,18 @@ log = logging.getLogger(__name__)
 
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST,
                            errno.ENODATA, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL})
+
+
+# The last errors reported to programs, for `gstore status` (bounded).
+RECENT_ERRORS: deque[dict[str, object]] = deque(maxlen=50)
+
+
+def _remember_error(what: str, target: object, code: int, exc: BaseException) -> None:
+    RECENT_ERRORS.append({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "op": what, "target": str(target), "errno": errno.errorcode.get(code, str(code)),
+        "error": redactor.redact(str(exc))[:500],
+    })
 
 
 @contextmanager
@@ -42,9 +57,11 @@ def _errors(what: str, target: object = "") -> Iterator[None]:
             log.debug("%s %s: %s", what, target, exc)
         elif isinstance(exc, OSError):
             log.warning("%s %s: %s (%s)", what, target, exc, errno.errorcode.get(code, code))
+            _remember_error(what, target, code, exc)
         else:
             log.exception("%s %s failed unexpectedly", what, target)
             code = errno.EIO
+            _remember_error(what, target, code, exc)
         raise pyfuse3.FUSEError(code) from None
 
 

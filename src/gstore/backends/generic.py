@@ -92,7 +92,7 @@ class FsspecBackend:
         try:
             return await self._call(name, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - backends raise OSError only
-            raise as_backend_error(exc, f"{name} {args[0] if args else ''}") from exc
+            raise as_backend_error(exc, f"{name} {args[0] if args else ''}")
 
     async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         if self._bridge is not None:

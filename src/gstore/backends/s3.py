@@ -252,7 +252,7 @@ class S3Backend(S3Writes):
         try:
             return await self._bridge.run(self._fs._call_s3(method, Bucket=self.bucket, **kwargs))
         except Exception as exc:  # noqa: BLE001 - backends raise OSError only
-            raise as_backend_error(exc, f"{method} {kwargs.get('Key') or kwargs.get('Prefix') or self.bucket}") from exc
+            raise as_backend_error(exc, f"{method} {kwargs.get('Key') or kwargs.get('Prefix') or self.bucket}")
 
     # -- Backend protocol ----------------------------------------------------------
 
@@ -356,7 +356,7 @@ class S3Backend(S3Writes):
         except Exception as exc:  # noqa: BLE001 - backends raise OSError only
             if classify(exc)[0] == errno.ESTALE:
                 raise StaleObjectError(f"{path} changed on the backend while open") from exc
-            raise as_backend_error(exc, f"get_object {kwargs['Key']} {kwargs['Range']}") from exc
+            raise as_backend_error(exc, f"get_object {kwargs['Key']} {kwargs['Range']}")
         if len(data) != end - start:
             raise BackendError(
                 errno.EIO,

@@ -25,6 +25,15 @@ import trio
 from gstore.backends.base import Backend, ObjectInfo
 from gstore.cache.reader import BlockReader, ReadStream
 from gstore.errors import StaleObjectError
+from gstore.vfs.control import (
+    CONTROL_DIR,
+    CONTROL_FILES,
+    FLUSH_FILE,
+    ControlFiles,
+    ControlHandle,
+    control_path,
+    is_control_path,
+)
 from gstore.vfs.inodes import ROOT_INODE, Inode, InodeTable, parent_path
 from gstore.vfs.metadata import ROOT_INFO, MetadataCache
 from gstore.write.staging import EXPECT_ABSENT, StagedFile, StagingArea
@@ -33,6 +42,7 @@ from gstore.write.writeback import WriteBack
 log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+EAGER_FILL_LIMIT = 16 * 1024 * 1024
 
 
 def _err(code: int, what: str) -> OSError:
@@ -44,6 +54,12 @@ class DirHandle:
     inode: Inode
     # A snapshot taken at opendir: positions in it are stable readdir cookies.
     entries: list[tuple[str, ObjectInfo]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ControlFileHandle:
+    inode: Inode
+    control: ControlHandle
 
 
 @dataclass(slots=True)
@@ -80,6 +96,7 @@ class FileSystem:
         self._next_handle = itertools.count(1)
         self._reserve_space = reserve_space or (lambda nbytes: None)
         self._staged_bytes = 0
+        self.control: ControlFiles | None = None
         self.mounted_at = time.time()
 
     @property
@@ -98,6 +115,8 @@ class FileSystem:
     def child_path(parent: Inode, name: str) -> str:
         if name in ("", ".", "..") or "/" in name or "\0" in name:
             raise _err(errno.EINVAL, name)
+        if is_control_path(parent.path) or (parent.path == "" and name == CONTROL_DIR):
+            raise _err(errno.EPERM, f"{CONTROL_DIR} is gstore's control directory")
         if len(name.encode("utf-8", "surrogateescape")) > 255:
             raise _err(errno.ENAMETOOLONG, name)
         return f"{parent.path}/{name}" if parent.path else name
@@ -123,6 +142,12 @@ class FileSystem:
             known = self.inodes.by_path(path)
             info = known.info if known else await self.metadata.stat(path)
             return self.inodes.remember(path, info)
+        if parent.path == "" and name == CONTROL_DIR and self.control is not None:
+            return self.inodes.remember(control_path(), ObjectInfo(CONTROL_DIR, True, mtime=self.mounted_at))
+        if parent.path == CONTROL_DIR:
+            if name not in CONTROL_FILES:
+                raise _err(errno.ENOENT, name)
+            return self.inodes.remember(control_path(name), ObjectInfo(name, False, mtime=self.mounted_at))
         path = self.child_path(parent, name)
         return self.inodes.remember(path, await self.stat_path(path))
 
@@ -132,7 +157,9 @@ class FileSystem:
     async def getattr(self, ino: int) -> Inode:
         inode = self.inode(ino)
         staged = self._staged(inode.path)
-        if staged is not None:
+        if is_control_path(inode.path):
+            pass
+        elif staged is not None:
             self.inodes.refresh(inode, staged.info())
         elif ino != ROOT_INODE and time.monotonic() - inode.info_time >= self._attr_ttl:
             await self._refresh(inode)
@@ -158,7 +185,12 @@ class FileSystem:
         inode = self.inode(ino)
         if not inode.info.is_dir:
             raise _err(errno.ENOTDIR, inode.path)
-        entries = await self.list_dir(inode.path)
+        if inode.path == CONTROL_DIR:
+            entries = {name: ObjectInfo(name, False, mtime=self.mounted_at) for name in CONTROL_FILES}
+        else:
+            entries = await self.list_dir(inode.path)
+            if inode.path == "" and self.control is not None:
+                entries.pop(CONTROL_DIR, None)
         handle = DirHandle(inode, sorted(entries.items()))
         fh = next(self._next_handle)
         self._handles[fh] = handle
@@ -201,13 +233,30 @@ class FileSystem:
         inode = self.inode(ino)
         if inode.info.is_dir:
             raise _err(errno.EISDIR, inode.path)
+        if is_control_path(inode.path):
+            name = inode.path.rsplit("/", 1)[-1]
+            if flags & _WRITE_FLAGS and name != FLUSH_FILE:
+                raise _err(errno.EACCES, inode.path)
+            self.inodes.opened(inode)
+            fh = next(self._next_handle)
+            self._handles[fh] = ControlFileHandle(inode, ControlHandle(name))
+            return fh, False, True
         writing = bool(flags & _WRITE_FLAGS) or bool(flags & os.O_TRUNC)
         staged = self._staged(inode.path)
         if writing:
             writeback = self._require_writable(inode.path)
             if staged is None:
+                truncate = bool(flags & os.O_TRUNC)
                 info = await self.metadata.stat(inode.path)
-                staged = await self._stage_existing(inode.path, info, truncate=bool(flags & os.O_TRUNC))
+                if not truncate:
+                    # The freshest ETag (and VersionId) is what later edits apply to.
+                    info = await self.backend.head(inode.path) or info  # type: ignore[attr-defined]
+                staged = await self._stage_existing(inode.path, info, truncate=truncate)
+                if not truncate and staged.size <= EAGER_FILL_LIMIT:
+                    # Small files are copied locally now, while the base version surely
+                    # exists: a conflicting remote change later can then never cost the
+                    # bytes this mount did not touch.
+                    await writeback._fill(staged, 0, staged.size)  # noqa: SLF001 - same layer
             elif flags & os.O_TRUNC:
                 await self._truncate_staged(staged, 0)
             staged.writers += 1
@@ -311,6 +360,10 @@ class FileSystem:
     # -- reading and writing ------------------------------------------------------------------
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
+        control = self._handles.get(fh)
+        if isinstance(control, ControlFileHandle):
+            assert self.control is not None
+            return await self.control.read(control.control, offset, size)
         handle = self.file_handle(fh)
         staged = handle.staged or self._staged(handle.inode.path)
         if staged is not None:
@@ -347,6 +400,9 @@ class FileSystem:
         return data + bytes(end - stop)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
+        control = self._handles.get(fh)
+        if isinstance(control, ControlFileHandle):
+            return ControlFiles.write(control.control, data)
         handle = self.file_handle(fh)
         if not handle.writable or handle.staged is None:
             raise _err(errno.EBADF, handle.inode.path)
@@ -385,6 +441,9 @@ class FileSystem:
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
+        if isinstance(handle, ControlFileHandle):
+            self.inodes.closed(handle.inode)
+            return
         if not isinstance(handle, FileHandle):
             return
         if handle.identity is not None:
@@ -494,6 +553,20 @@ class FileSystem:
         self.metadata.forget_path(path)
         self.metadata.remember_missing(path)
         self.inodes.detach_path(path)
+        await self._keep_directory(parent_path(path))
+
+    async def _keep_directory(self, path: str) -> None:
+        """A directory that exists only as a key prefix vanishes with its last key:
+        POSIX says it stays until rmdir, so it gets a marker object then."""
+        if path == "":
+            return
+        listing = await self.list_dir(path)
+        if listing:
+            return
+        try:
+            await self.backend.stat(path)
+        except FileNotFoundError:
+            await self.backend.make_dir(path)  # type: ignore[attr-defined]
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
         parent = self.inode(parent_ino)
@@ -545,6 +618,8 @@ class FileSystem:
         self.metadata.remember(new, ObjectInfo(name, source.is_dir, source.size, source.mtime, source.etag,
                                                None, source.content_type))
         self.inodes.rename_path(old, new)
+        if parent_path(old) != parent_path(new):
+            await self._keep_directory(parent_path(old))
 
     async def _rename_file(self, old: str, new: str, source: ObjectInfo, target: ObjectInfo | None) -> None:
         assert self.writeback is not None
@@ -607,6 +682,18 @@ class FileSystem:
                 await self.backend.delete(key)  # type: ignore[attr-defined]
         for path in [old, new]:
             self.metadata.forget_tree(path)
+
+    async def flush_paths(self, paths: list[str] | None) -> list[str]:
+        """Upload what is pending (everything, or these paths and what is below them) and wait."""
+        if self.writeback is None:
+            return []
+        if paths is None:
+            return await self.writeback.flush()
+        chosen = [
+            staged for staged in self.writeback.pending()
+            if any(p == "" or staged.path == p or staged.path.startswith(p + "/") for p in paths)
+        ]
+        return await self.writeback.flush(chosen)
 
     def open_handle_count(self) -> int:
         return sum(isinstance(h, FileHandle) for h in self._handles.values())

@@ -138,7 +138,7 @@ class StagingArea:
                 os.close(fd)
         record = json.dumps(staged.record(), separators=(",", ":")).encode()
         final = self.root / f"{staged.id}.json"
-        temp = self.root / f".{staged.id}.json.tmp"
+        temp = self.root / f".{staged.id}.{secrets.token_hex(4)}.json.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, record)

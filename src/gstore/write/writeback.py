@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 from gstore.backends.base import ObjectInfo
-from gstore.errors import BackendError, classify
+from gstore.errors import BackendError, StaleObjectError, classify
 from gstore.write.staging import EXPECT_ABSENT, StagedFile, StagingArea
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class WriteBack:
         self.staged: dict[str, StagedFile] = {}
         self._due: dict[str, float] = {}  # staged id -> monotonic time the upload is due
         self._running: dict[str, trio.CancelScope] = {}
+        self._queued: set[str] = set()  # spawned, waiting for an upload slot
         self._changed = trio.Event()  # set whenever an upload ends or the schedule changes
         self._kick = trio.Event()
         self._limiter = trio.CapacityLimiter(max(1, concurrency))
@@ -147,9 +148,6 @@ class WriteBack:
         self.stats.failed.pop(staged.path, None)
         self._wake()
 
-    def needs_upload(self, staged: StagedFile) -> bool:
-        return staged.id in self._due or staged.id in self._running or staged.last_error is not None
-
     # -- the scheduler ------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -163,8 +161,9 @@ class WriteBack:
                         break
                     staged = self._by_id(staged_id)
                     del self._due[staged_id]
-                    if staged is None or staged.id in self._running:
+                    if staged is None or staged.id in self._running or staged.id in self._queued:
                         continue
+                    self._queued.add(staged.id)
                     nursery.start_soon(self._upload_task, staged)
                 next_due = min(self._due.values(), default=None)
                 self._kick = trio.Event()
@@ -175,22 +174,34 @@ class WriteBack:
         return next((s for s in self.staged.values() if s.id == staged_id), None)
 
     async def _upload_task(self, staged: StagedFile) -> None:
-        async with self._limiter:
-            if staged.unlinked or self.staged.get(staged.path) is not staged:
-                return
-            scope = trio.CancelScope()
-            self._running[staged.id] = scope
-            generation = staged.generation
-            try:
-                with scope:
-                    await self._upload(staged, generation)
-                if scope.cancelled_caught:
-                    log.info("upload of %s cancelled (changed again)", staged.path)
-            except Exception as exc:  # noqa: BLE001 - an upload failure never ends the daemon
-                self._failed(staged, exc)
-            finally:
-                self._running.pop(staged.id, None)
-                self._wake()
+        try:
+            await self._limiter.acquire()
+        finally:
+            self._queued.discard(staged.id)
+        try:
+            await self._upload_task_locked(staged)
+        finally:
+            self._limiter.release()
+
+    async def _upload_task_locked(self, staged: StagedFile) -> None:
+        if staged.unlinked or self.staged.get(staged.path) is not staged:
+            return
+        if staged.uploaded_generation >= staged.generation:
+            return  # already durable (a flush raced with the scheduler)
+        scope = trio.CancelScope()
+        self._running[staged.id] = scope
+        generation = staged.generation
+        try:
+            with scope:
+                await self._upload(staged, generation)
+            if scope.cancelled_caught:
+                log.info("upload of %s cancelled (changed again)", staged.path)
+        except Exception as exc:  # noqa: BLE001 - an upload failure never ends the daemon
+            self._failed(staged, exc)
+        finally:
+            self._running.pop(staged.id, None)
+            self._wake()
+
 
     def _failed(self, staged: StagedFile, exc: BaseException) -> None:
         staged.attempts += 1
@@ -315,8 +326,17 @@ class WriteBack:
             cursor = gap_start
             while cursor < min(gap_end, base.size):
                 chunk_end = min(gap_end, base.size, cursor + FILL_CHUNK)
-                data = await self._read_base(staged, cursor, chunk_end)
-                await trio.to_thread.run_sync(self.staging.fill, staged, cursor, data)
+                try:
+                    data = await self._read_base(staged, cursor, chunk_end)
+                except StaleObjectError as exc:
+                    raise ConflictError(
+                        f"{staged.path}: the version this mount's changes apply to is gone from the backend "
+                        "(changed by another writer); the changed bytes are kept locally"
+                    ) from exc
+                # Only the ranges still missing *now*: a program may have written
+                # some of them while the fetch was in flight (no await below).
+                for hole_start, hole_end in staged.present.gaps(cursor, chunk_end):
+                    self.staging.fill(staged, hole_start, data[hole_start - cursor : hole_end - cursor])
                 cursor = chunk_end
             if gap_end > base.size:
                 staged.present.add(base.size, gap_end)
@@ -387,7 +407,8 @@ class WriteBack:
         chosen = list(self.staged.values()) if targets is None else targets
         goals = {s.id: (s.generation, s.attempts) for s in chosen}
         for staged in chosen:
-            if staged.id not in self._running and not self.durable(staged, staged.generation):
+            busy = staged.id in self._running or staged.id in self._queued
+            if not busy and not self.durable(staged, staged.generation):
                 self.schedule(staged, 0)
         deadline = None if timeout is None else trio.current_time() + timeout
         while True:
@@ -396,7 +417,7 @@ class WriteBack:
                 generation, attempts = goals[staged.id]
                 if self.durable(staged, generation):
                     continue
-                if staged.attempts > attempts and staged.id not in self._running:
+                if staged.attempts > attempts and staged.id not in self._running and staged.id not in self._queued:
                     failed.append(f"{staged.path}: {staged.last_error}")
                 else:
                     waiting.append(staged)

@@ -1,0 +1,63 @@
+"""The status snapshot of a running mount (``.gstore/status.json``, ``gstore status``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+from gstore import __version__
+
+
+def build_status(*, request: Any, state_dir: Any, fs: Any, store: Any, reader: Any, metadata: Any,
+                 writeback: Any, started: float, recent_errors: Any) -> dict[str, Any]:
+    """Everything an operator asks first, and no secret (backend options are never included)."""
+    store_stats = store.stats()
+    lookups = store_stats.hits + store_stats.misses
+    read_stats = asdict(reader.stats)
+    served = read_stats["hit_bytes"] + read_stats["miss_bytes"]
+    pending, failed = [], []
+    uploads: dict[str, Any] = {"enabled": writeback is not None}
+    if writeback is not None:
+        for staged in writeback.pending():
+            entry = {"path": staged.path, "size": staged.size, "attempts": staged.attempts,
+                     "open_for_writing": staged.writers > 0,
+                     "age_s": round(time.time() - staged.created, 1)}
+            if staged.last_error:
+                entry["error"] = staged.last_error
+                failed.append(entry)
+            else:
+                pending.append(entry)
+        stats = writeback.stats
+        uploads.update({
+            "pending": len(pending) + len(failed), "failing": len(failed),
+            "pending_paths": pending[:1000], "failed_paths": failed[:1000],
+            "uploaded": stats.uploaded, "bytes_uploaded": stats.bytes_uploaded,
+            "bytes_copied_server_side": stats.bytes_copied, "failures": stats.failures,
+            "conflicts": stats.conflicts, "conflict_policy": writeback.policy.value,
+            "write_back_delay_s": writeback.delay,
+        })
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "mountpoint": str(request.mountpoint),
+        "mount": request.backend.name,
+        "backend": request.backend.display(),
+        "read_only": request.options.read_only,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "uptime_s": round(time.time() - started, 1),
+        "cache": {
+            "dir": str(state_dir), "capacity": store_stats.capacity, "used": store_stats.used_bytes,
+            "blocks": store_stats.blocks, "block_size": request.options.block_size,
+            "hits": store_stats.hits, "misses": store_stats.misses,
+            "hit_ratio": round(store_stats.hits / lookups, 4) if lookups else None,
+            "evictions": store_stats.evictions, "corrupt_blocks_dropped": store_stats.corrupt,
+        },
+        "reads": {**read_stats, "byte_hit_ratio": round(read_stats["hit_bytes"] / served, 4) if served else None},
+        "metadata": {"entries": metadata.entry_count(), **metadata.stats},
+        "inodes": len(fs.inodes),
+        "open_files": fs.open_handle_count(),
+        "uploads": uploads,
+        "recent_errors": list(recent_errors)[-20:],
+    }
