@@ -40,6 +40,17 @@ def _timestamp(value: Any) -> float:
     return value.timestamp() if hasattr(value, "timestamp") else 0.0
 
 
+def _head_mtime(head: dict[str, Any]) -> float:
+    """mtime from the object's metadata ("mtime", as rclone and s3fs-fuse write it), else LastModified."""
+    stored = (head.get("Metadata") or {}).get("mtime")
+    if stored:
+        try:
+            return float(stored)
+        except ValueError:
+            pass
+    return _timestamp(head.get("LastModified"))
+
+
 def redact_url(url: str) -> str:
     """An endpoint URL without user:password@, safe to log."""
     parts = urlsplit(url)
@@ -166,7 +177,7 @@ class S3Writes:
             return None
         return ObjectInfo(
             name=path.rsplit("/", 1)[-1], is_dir=False, size=int(head.get("ContentLength", 0)),
-            mtime=_timestamp(head.get("LastModified")), etag=_strip_etag(head.get("ETag")),
+            mtime=_head_mtime(head), etag=_strip_etag(head.get("ETag")),
             version_id=head.get("VersionId"), content_type=head.get("ContentType"),
         )
 
@@ -281,7 +292,7 @@ class S3Backend(S3Writes):
                 name=name,
                 is_dir=False,
                 size=int(head.get("ContentLength", 0)),
-                mtime=_timestamp(head.get("LastModified")),
+                mtime=_head_mtime(head),
                 etag=_strip_etag(head.get("ETag")),
                 version_id=head.get("VersionId"),
                 content_type=head.get("ContentType"),

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import cachetools
 import trio
 
 from gstore.backends.base import Backend, ObjectInfo
@@ -97,6 +98,9 @@ class FileSystem:
         self._reserve_space = reserve_space or (lambda nbytes: None)
         self._staged_bytes = 0
         self.control: ControlFiles | None = None
+        # MD5s of what this mount uploaded, per (path, ETag): multipart ETags are not
+        # MD5s, and the user.md5 xattr should not cost a download to answer.
+        self.known_md5: cachetools.LRUCache[tuple[str, str], str] = cachetools.LRUCache(maxsize=100_000)
         self.mounted_at = time.time()
 
     @property
@@ -472,6 +476,8 @@ class FileSystem:
     def uploaded(self, staged: StagedFile, info: ObjectInfo) -> None:
         """Called by the write-back queue once the backend confirmed a staged file."""
         self._account(-staged.size)
+        if staged.md5 and info.etag:
+            self.known_md5[(staged.path, info.etag)] = staged.md5
         self.metadata.forget_path(staged.path)
         self.metadata.remember(staged.path, info)
         inode = self.inodes.by_path(staged.path)
