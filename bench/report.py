@@ -71,6 +71,15 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _load_note(results: dict[str, Any]) -> str:
+    loads = [rec.get("loadavg_at_start") for by_tool in results["workloads"].values()
+             for rec in by_tool.values() if rec.get("loadavg_at_start") is not None]
+    if not loads:
+        return "machine load not recorded"
+    return (f"1-minute load average at the start of each workload: {min(loads):.2f} to {max(loads):.2f} "
+            f"(median {sorted(loads)[len(loads) // 2]:.2f})")
+
+
 def _mib(n: int | None) -> str:
     if n is None:
         return "?"
@@ -95,7 +104,7 @@ def markdown(results: dict[str, Any], charts: list[str] | None = None) -> str:
         f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB RAM, Linux {m['kernel']}, "
         f"{m['os']}, Python {m['python']}",
         f"- Endpoint: {ep['kind']}; {net}",
-        f"- Run time: {results.get('duration_s', '?')} s",
+        f"- Run time: {results.get('duration_s', '?')} s; " + _load_note(results),
         "",
         "| tool | version | cache |",
         "|---|---|---|",
@@ -129,9 +138,11 @@ def markdown(results: dict[str, Any], charts: list[str] | None = None) -> str:
             lines.append(f"| {tool} | " + " | ".join(cells) + f" | {_fmt(round(rss / 1024)) if rss else '?'} | "
                          + "; ".join(notes).replace("|", "/") + " |")
         lines += ["", "Backend requests and bytes per phase (counted by the endpoint; our own "
-                  "durability polling subtracted); CPU seconds of the daemon and the endpoint:", "",
-                  "| tool | phase | " + " | ".join(OPS) + " | MiB down | MiB up | daemon CPU s | endpoint CPU s | wall s |",
-                  "|---|---|" + "---:|" * (len(OPS) + 5)]
+                  "durability polling subtracted); CPU seconds of the daemon, of the endpoint and of the whole "
+                  "machine (which includes the client program, the driver and any outside load; "
+                  f"{results['machine']['nproc']} CPUs):", "",
+                  "| tool | phase | " + " | ".join(OPS) + " | MiB down | MiB up | daemon CPU s | endpoint CPU s | machine busy CPU s | wall s |",
+                  "|---|---|" + "---:|" * (len(OPS) + 6)]
         for tool, rec in by_tool.items():
             for phase, p in rec["phases"].items():
                 b = p.get("backend", {})
@@ -140,6 +151,7 @@ def markdown(results: dict[str, Any], charts: list[str] | None = None) -> str:
                 lines.append(f"| {tool} | {phase} | " + " | ".join(_fmt(b.get(op, 0)) for op in OPS)
                              + f" | {_mib(b.get('bytes_down'))} | {_mib(b.get('bytes_up'))}"
                              f" | {_fmt(p.get('daemon_cpu_s'))} | {_fmt(p.get('endpoint_cpu_s'))}"
+                             f" | {_fmt(p.get('machine_busy_cpu_s'))}"
                              f" | {_fmt(round(p['wall_s'], 3)) if p.get('wall_s') is not None else '?'} |")
         lines.append("")
 

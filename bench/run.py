@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, tool in tools.items():
                 log(f"{wl} / {name}")
                 run = Run(wl, tool, endpoint, cfg, assets, work, logs, out)
+                run.record["loadavg_at_start"] = round(os.getloadavg()[0], 2)
                 try:
                     WORKLOADS[wl](run)
                 except Unsupported as exc:

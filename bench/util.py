@@ -42,6 +42,15 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (everything but idle and iowait), /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields[:8])  # guest time is already counted in user
+    return (total - idle) / CLK_TCK
+
+
 def proc_status_kib(pid: int | None, key: str) -> int | None:
     """A "kB" value of /proc/PID/status (VmHWM = peak RSS, VmRSS = current RSS)."""
     if pid is None:

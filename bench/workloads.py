@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.endpoint import Endpoint
 from bench.tools import Tool
-from bench.util import BenchError, MiB, drop_caches, log
+from bench.util import BenchError, MiB, drop_caches, log, machine_busy_seconds
 
 # errnos that mean "this mount does not offer the feature (yet)", not "the benchmark broke"
 NOT_SUPPORTED = {errno.EROFS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODATA}
@@ -130,14 +130,17 @@ class Run:
         rec: dict[str, Any] = {}
         profiler = self._start_profiler(name)
         self.endpoint.reset_stats()
-        d0, e0 = self.tool.cpu(), self.endpoint.cpu()
+        d0, e0, m0 = self.tool.cpu(), self.endpoint.cpu(), machine_busy_seconds()
         t0 = time.perf_counter()
         try:
             yield rec
         finally:
             rec.setdefault("wall_s", time.perf_counter() - t0)
             time.sleep(settle)  # let in-flight requests land in this phase's counters
-            d1, e1 = self.tool.cpu(), self.endpoint.cpu()
+            d1, e1, m1 = self.tool.cpu(), self.endpoint.cpu(), machine_busy_seconds()
+            # every busy CPU second on the machine, including the client program (dd, fio, ls),
+            # the bench driver and anything else running: a check on outside interference
+            rec["machine_busy_cpu_s"] = round(m1 - m0, 2)
             rec["daemon_cpu_s"] = None if d0 is None or d1 is None else round(d1 - d0, 3)
             rec["endpoint_cpu_s"] = None if e0 is None or e1 is None else round(e1 - e0, 3)
             try:

@@ -31,6 +31,11 @@ Errors (:class:`DiffError`, an ``OSError``)
     * ``EFBIG`` when either input is larger than ``limit`` bytes (default
       :data:`DIFF_SIZE_LIMIT`, 8 MiB). :func:`check_diff_sizes` checks sizes
       before the inputs are fetched.
+    * ``EFBIG`` too when the inputs differ so much that the search would
+      exceed ``max_work`` (default :data:`DIFF_WORK_LIMIT`, a few seconds of
+      CPU): diff's search costs about (lines) x (differences), so two unrelated
+      files of some thousand lines each hit it, while a small change to a file
+      of 100,000 lines takes well under a second.
     * ``EINVAL`` when either input is binary, meaning it contains a NUL byte
       anywhere (diff itself only looks at the start and then prints "Binary
       files ... differ"; we never produce a diff holding NULs). Invalid UTF-8
@@ -49,6 +54,10 @@ from datetime import datetime, timezone
 
 #: Largest input :func:`unified_diff_bytes` accepts by default (per side).
 DIFF_SIZE_LIMIT = 8 * 1024 * 1024
+#: Default bound on the search effort (diagonals visited, summed over the
+#: whole search): about a few seconds of CPU. Inputs that need more fail with
+#: EFBIG instead of tying up a thread for minutes.
+DIFF_WORK_LIMIT = 50_000_000
 #: Lines of context, as ``diff -u``.
 DEFAULT_CONTEXT = 3
 
@@ -67,13 +76,24 @@ def check_diff_sizes(size_a: int, size_b: int, *, limit: int = DIFF_SIZE_LIMIT) 
     for which, size in (("first", size_a), ("second", size_b)):
         if size > limit:
             raise DiffError(
-                errno.EFBIG, f"cannot diff: the {which} file has {size} bytes, more than the limit of {limit}"
+                errno.EFBIG,
+                f"cannot diff: the {which} file has {size} bytes, more than the limit of {limit}",
             )
 
 
 # -- header ------------------------------------------------------------------------
 
-_C_ESCAPES = {7: b"\\a", 8: b"\\b", 9: b"\\t", 10: b"\\n", 11: b"\\v", 12: b"\\f", 13: b"\\r", 34: b'\\"', 92: b"\\\\"}
+_C_ESCAPES = {
+    7: b"\\a",
+    8: b"\\b",
+    9: b"\\t",
+    10: b"\\n",
+    11: b"\\v",
+    12: b"\\f",
+    13: b"\\r",
+    34: b'\\"',
+    92: b"\\\\",
+}
 
 
 def quote_name(name: str) -> bytes:
@@ -234,8 +254,16 @@ def _discardable(own: list[int], other_counts: dict[int, int]) -> list[int]:
 class _Search:
     """Shortest edit script between two int sequences, marking changed lines."""
 
-    def __init__(self, xv: list[int], yv: list[int], xreal: list[int], yreal: list[int],
-                 xchanged: list[bool], ychanged: list[bool]) -> None:
+    def __init__(
+        self,
+        xv: list[int],
+        yv: list[int],
+        xreal: list[int],
+        yreal: list[int],
+        xchanged: list[bool],
+        ychanged: list[bool],
+        max_work: int,
+    ) -> None:
         self.xv = xv
         self.yv = yv
         self.xreal = xreal
@@ -252,6 +280,8 @@ class _Search:
             diags >>= 2
             too_expensive <<= 1
         self.too_expensive = max(4096, too_expensive)
+        self.work = 0
+        self.max_work = max_work
 
     def run(self) -> None:
         xv, yv = self.xv, self.yv
@@ -275,7 +305,9 @@ class _Search:
                 stack.append((xmid, xlim, ymid, ylim, hi_minimal))
                 stack.append((xoff, xmid, yoff, ymid, lo_minimal))
 
-    def _middle(self, xoff: int, xlim: int, yoff: int, ylim: int, minimal: bool) -> tuple[int, int, bool, bool]:
+    def _middle(
+        self, xoff: int, xlim: int, yoff: int, ylim: int, minimal: bool
+    ) -> tuple[int, int, bool, bool]:
         """A point on an optimal (or, past the cost cut-off, good) path,
         searching from both corners at once."""
         xv, yv, fd, bd, o = self.xv, self.yv, self.fd, self.bd, self.offset
@@ -290,6 +322,7 @@ class _Search:
         bd[bmid + o] = xlim
         far = xlim + ylim + 1
         cost = 0
+        visits = 0
         while True:
             cost += 1
             if fmin > dmin:
@@ -302,17 +335,32 @@ class _Search:
                 fd[fmax + 1 + o] = -1
             else:
                 fmax -= 1
-            for d in range(fmax, fmin - 1, -2):
-                lo = fd[d - 1 + o]
-                hi = fd[d + 1 + o]
-                x = hi if lo < hi else lo + 1
-                y = x - d
-                while x < xlim and y < ylim and xv[x] == yv[y]:
-                    x += 1
-                    y += 1
-                fd[d + o] = x
-                if odd and bmin <= d <= bmax and bd[d + o] <= x:
-                    return x, y, True, True
+            # Diagonal d lives at index k = d + o of fd and bd.
+            visits += fmax - fmin + 2
+            if odd:
+                kmin, kmax = bmin + o, bmax + o
+                for k in range(fmax + o, fmin + o - 1, -2):
+                    lo = fd[k - 1]
+                    hi = fd[k + 1]
+                    x = hi if lo < hi else lo + 1
+                    y = x - k + o
+                    while x < xlim and y < ylim and xv[x] == yv[y]:
+                        x += 1
+                        y += 1
+                    fd[k] = x
+                    if kmin <= k <= kmax and bd[k] <= x:
+                        self.work += visits
+                        return x, y, True, True
+            else:
+                for k in range(fmax + o, fmin + o - 1, -2):
+                    lo = fd[k - 1]
+                    hi = fd[k + 1]
+                    x = hi if lo < hi else lo + 1
+                    y = x - k + o
+                    while x < xlim and y < ylim and xv[x] == yv[y]:
+                        x += 1
+                        y += 1
+                    fd[k] = x
 
             if bmin > dmin:
                 bmin -= 1
@@ -324,17 +372,38 @@ class _Search:
                 bd[bmax + 1 + o] = far
             else:
                 bmax -= 1
-            for d in range(bmax, bmin - 1, -2):
-                lo = bd[d - 1 + o]
-                hi = bd[d + 1 + o]
-                x = lo if lo < hi else hi - 1
-                y = x - d
-                while x > xoff and y > yoff and xv[x - 1] == yv[y - 1]:
-                    x -= 1
-                    y -= 1
-                bd[d + o] = x
-                if not odd and fmin <= d <= fmax and x <= fd[d + o]:
-                    return x, y, True, True
+            visits += bmax - bmin + 2
+            if odd:
+                for k in range(bmax + o, bmin + o - 1, -2):
+                    lo = bd[k - 1]
+                    hi = bd[k + 1]
+                    x = lo if lo < hi else hi - 1
+                    y = x - k + o
+                    while x > xoff and y > yoff and xv[x - 1] == yv[y - 1]:
+                        x -= 1
+                        y -= 1
+                    bd[k] = x
+            else:
+                kmin, kmax = fmin + o, fmax + o
+                for k in range(bmax + o, bmin + o - 1, -2):
+                    lo = bd[k - 1]
+                    hi = bd[k + 1]
+                    x = lo if lo < hi else hi - 1
+                    y = x - k + o
+                    while x > xoff and y > yoff and xv[x - 1] == yv[y - 1]:
+                        x -= 1
+                        y -= 1
+                    bd[k] = x
+                    if kmin <= k <= kmax and x <= fd[k]:
+                        self.work += visits
+                        return x, y, True, True
+
+            if self.work + visits > self.max_work:
+                raise DiffError(
+                    errno.EFBIG,
+                    "cannot diff: the files differ too much to compare within the work limit "
+                    f"({self.max_work})",
+                )
 
             if minimal or cost < self.too_expensive:
                 continue
@@ -362,6 +431,7 @@ class _Search:
                 if x + y < bxy_best:
                     bxy_best = x + y
                     bx_best = x
+            self.work += visits
             if (xlim + ylim) - bxy_best < fxy_best - (xoff + yoff):
                 return fx_best, fxy_best - fx_best, True, False
             return bx_best, bxy_best - bx_best, False, True
@@ -429,7 +499,9 @@ def _slide(changed: list[bool], other: list[bool], eq: list[int]) -> None:
                 j -= 1
 
 
-def _changes(lines0: list[bytes], lines1: list[bytes], horizon: int) -> list[tuple[int, int, int, int]]:
+def _changes(
+    lines0: list[bytes], lines1: list[bytes], horizon: int, max_work: int
+) -> list[tuple[int, int, int, int]]:
     """(line0, line1, deleted, inserted) blocks, 0-based, in order."""
     n0, n1 = len(lines0), len(lines1)
     prefix = 0
@@ -462,7 +534,9 @@ def _changes(lines0: list[bytes], lines1: list[bytes], horizon: int) -> list[tup
     changed1 = [mark != 0 for mark in marks1]
     xreal = [i for i, mark in enumerate(marks0) if mark == 0]
     yreal = [i for i, mark in enumerate(marks1) if mark == 0]
-    _Search([eq0[i] for i in xreal], [eq1[i] for i in yreal], xreal, yreal, changed0, changed1).run()
+    _Search(
+        [eq0[i] for i in xreal], [eq1[i] for i in yreal], xreal, yreal, changed0, changed1, max_work
+    ).run()
 
     _slide(changed0, changed1, eq0)
     _slide(changed1, changed0, eq1)
@@ -497,7 +571,9 @@ def _range(first: int, last: int) -> bytes:
     return b"%d,%d" % (a, b - a + 1)
 
 
-def _hunks(changes: list[tuple[int, int, int, int]], context: int) -> Iterator[list[tuple[int, int, int, int]]]:
+def _hunks(
+    changes: list[tuple[int, int, int, int]], context: int
+) -> Iterator[list[tuple[int, int, int, int]]]:
     group: list[tuple[int, int, int, int]] = []
     for change in changes:
         if group:
@@ -529,6 +605,7 @@ def unified_diff_bytes(
     a_mtime: datetime | None = None,
     b_mtime: datetime | None = None,
     context: int = DEFAULT_CONTEXT,
+    max_work: int = DIFF_WORK_LIMIT,
 ) -> bytes:
     """``diff -u`` of ``a`` and ``b`` (``-U context``), labelled ``a_label`` and
     ``b_label``; b"" when equal. Raises :class:`DiffError` (EFBIG over
@@ -540,12 +617,14 @@ def unified_diff_bytes(
         return b""
     for which, data in (("first", a), ("second", b)):
         if b"\0" in data:
-            raise DiffError(errno.EINVAL, f"cannot diff: the {which} file is binary (it contains NUL bytes)")
+            raise DiffError(
+                errno.EINVAL, f"cannot diff: the {which} file is binary (it contains NUL bytes)"
+            )
 
     lines0 = _split_lines(a)
     lines1 = _split_lines(b)
-    changes = _changes(lines0, lines1, context)
-    n0, n1 = len(lines0), len(lines1)
+    changes = _changes(lines0, lines1, context, max_work)
+    n0 = len(lines0)
 
     out = bytearray()
     out += _header(b"---", a_label, a_mtime)

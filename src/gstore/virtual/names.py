@@ -268,7 +268,9 @@ def _check_base_dir(base_dir: str) -> list[str]:
     comps = base_dir.split("/")
     for comp in comps:
         if comp in ("", ".", ".."):
-            raise _fail(errno.EINVAL, f"base directory is not a normalized mount path: {base_dir!r}")
+            raise _fail(
+                errno.EINVAL, f"base directory is not a normalized mount path: {base_dir!r}"
+            )
     return comps
 
 
@@ -278,7 +280,10 @@ def _normalize(base: list[str], rel: str) -> list[str]:
     if "\0" in rel:
         raise _fail(errno.EINVAL, f"path contains a NUL character: {rel!r}")
     if rel.startswith("/"):
-        raise _fail(errno.EACCES, f"absolute paths are not allowed (paths are relative to the folder): {rel!r}")
+        raise _fail(
+            errno.EACCES,
+            f"absolute paths are not allowed (paths are relative to the folder): {rel!r}",
+        )
     stack = list(base)
     for comp in rel.split("/"):
         if comp == "":
@@ -328,7 +333,8 @@ def decode_part(text: str) -> str:
         if code not in _ESCAPES:
             raise _fail(
                 errno.EINVAL,
-                f"invalid escape {text[i:i + 3]!r} in {text!r}: only %2F (/), %2B (+) and %25 (%) are allowed",
+                f"invalid escape {text[i : i + 3]!r} in {text!r}: "
+                "only %2F (/), %2B (+) and %25 (%) are allowed",
             )
         out.append(_ESCAPES[code])
         i += 3
@@ -428,7 +434,10 @@ def _parse_components(comps: list[str], names: VirtualNames) -> VirtualRef | Non
         return VirtualDirRef(role, base_dir, path)
     if role == "versions":
         if len(rest) > 2:
-            raise _fail(errno.ENOTDIR, f"{path!r}: {'/'.join(comps[: index + 3])!r} is a file, not a directory")
+            raise _fail(
+                errno.ENOTDIR,
+                f"{path!r}: {'/'.join(comps[: index + 3])!r} is a file, not a directory",
+            )
         name = rest[0]
         if names.role_of(name) is not None:
             raise _fail(errno.ENOENT, f"{path!r}: {name!r} is a virtual name and has no versions")
@@ -437,7 +446,9 @@ def _parse_components(comps: list[str], names: VirtualNames) -> VirtualRef | Non
             return VersionsDirRef(base_dir, name, target, path)
         return VersionRef(base_dir, name, target, rest[1], path)
     if len(rest) > 1:
-        raise _fail(errno.ENOTDIR, f"{path!r}: {'/'.join(comps[: index + 2])!r} is a file, not a directory")
+        raise _fail(
+            errno.ENOTDIR, f"{path!r}: {'/'.join(comps[: index + 2])!r} is a file, not a directory"
+        )
     name = rest[0]
     if role == "concat":
         if name.startswith("@"):
@@ -452,7 +463,8 @@ def _parse_components(comps: list[str], names: VirtualNames) -> VirtualRef | Non
             _, manifest = _resolve_part(base, raw, names, "manifest")
             return ConcatManifestRef(base_dir, manifest, path)
         parts = tuple(
-            _resolve_part(base, raw, names, f"part {i}")[1] for i, raw in enumerate(_split_parts(name), 1)
+            _resolve_part(base, raw, names, f"part {i}")[1]
+            for i, raw in enumerate(_split_parts(name), 1)
         )
         return ConcatRef(base_dir, parts, path)
     # diff
@@ -460,7 +472,8 @@ def _parse_components(comps: list[str], names: VirtualNames) -> VirtualRef | Non
     if len(raw_parts) != 2:
         raise _fail(
             errno.EINVAL,
-            f"{path!r}: a diff takes exactly two parts A+B, not {len(raw_parts)} (escape '+' as %2B)",
+            f"{path!r}: a diff takes exactly two parts A+B, not {len(raw_parts)} "
+            "(escape '+' as %2B)",
         )
     a_label, a = _resolve_part(base, raw_parts[0], names, "part 1")
     b_label, b = _resolve_part(base, raw_parts[1], names, "part 2")
@@ -513,12 +526,14 @@ def _manifest_entries(text: str | bytes, max_entries: int) -> list[tuple[int, st
         if _URL_RE.match(line):
             raise _fail(
                 errno.EINVAL,
-                f"manifest line {number}: URLs are not supported, only paths relative to the folder: {line!r}",
+                f"manifest line {number}: URLs are not supported, "
+                f"only paths relative to the folder: {line!r}",
             )
         if line.startswith("/"):
             raise _fail(
                 errno.EACCES,
-                f"manifest line {number}: absolute paths are not allowed, only paths relative to the folder: {line!r}",
+                f"manifest line {number}: absolute paths are not allowed, "
+                f"only paths relative to the folder: {line!r}",
             )
         if len(entries) >= max_entries:
             raise _fail(errno.E2BIG, f"manifest has more than {max_entries} entries")
