@@ -397,7 +397,7 @@ def _check_part(resolved: list[str], names: VirtualNames, what: str) -> str:
     try:
         ref = _parse_components(resolved, names)
     except VirtualPathError as exc:
-        raise _fail(exc.errno, f"{what}: {exc.strerror}") from None
+        raise _fail(exc.errno or errno.EINVAL, f"{what}: {exc.strerror}") from None
     if isinstance(ref, VersionRef):
         return path
     raise _fail(errno.EISDIR, f"{what} {path!r} is a virtual directory")
@@ -417,7 +417,7 @@ def _resolve_part(base: list[str], raw: str, names: VirtualNames, what: str) -> 
         decoded = decode_part(raw)
         resolved = _normalize(base, decoded)
     except VirtualPathError as exc:
-        raise _fail(exc.errno, f"{what}: {exc.strerror}") from None
+        raise _fail(exc.errno or errno.EINVAL, f"{what}: {exc.strerror}") from None
     return decoded, _check_part(resolved, names, what)
 
 
@@ -510,14 +510,14 @@ def _manifest_entries(text: str | bytes, max_entries: int) -> list[tuple[int, st
         if len(text) > MANIFEST_MAX_BYTES:
             raise _fail(errno.EFBIG, f"manifest is larger than {MANIFEST_MAX_BYTES} bytes")
         try:
-            text = text.decode("utf-8-sig")
+            decoded = text.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            line = text[: exc.start].count(b"\n") + 1
-            raise _fail(errno.EINVAL, f"manifest line {line}: not UTF-8 text") from None
-    elif text.startswith("\ufeff"):
-        text = text[1:]
+            bad_line = text[: exc.start].count(b"\n") + 1
+            raise _fail(errno.EINVAL, f"manifest line {bad_line}: not UTF-8 text") from None
+    else:
+        decoded = text[1:] if text.startswith("\ufeff") else text
     entries: list[tuple[int, str]] = []
-    for number, raw in enumerate(text.split("\n"), 1):
+    for number, raw in enumerate(decoded.split("\n"), 1):
         line = raw.strip(_MANIFEST_STRIP)
         if line == "" or line.startswith("#"):
             continue
@@ -568,5 +568,5 @@ def resolve_manifest(
         try:
             resolved.append(_check_part(_normalize(base, entry), names, "entry"))
         except VirtualPathError as exc:
-            raise _fail(exc.errno, f"manifest line {number}: {exc.strerror}") from None
+            raise _fail(exc.errno or errno.EINVAL, f"manifest line {number}: {exc.strerror}") from None
     return resolved
