@@ -13,6 +13,7 @@ from gstore.config import ConfigError, build_mount_request, find_config, load_co
 def mount_main(argv: Sequence[str] | None = None) -> int:
     """``gstore-mount [options] SPEC MOUNTPOINT``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _prepare_mountpoint(args)
     try:
         request = build_mount_request(args)
     except ConfigError as exc:
@@ -21,6 +22,41 @@ def mount_main(argv: Sequence[str] | None = None) -> int:
     from gstore import daemon
 
     return daemon.run(request)
+
+
+def _prepare_mountpoint(args: list[str]) -> None:
+    """Before validation: create a derived mount point, and clear a dead gstore mount left on it.
+
+    A daemon that was killed (or crashed) leaves its mount behind, answering
+    ENOTCONN; without this, a restart (systemd's Restart=on-failure, a reboot
+    of the service) would fail on it. Only a mount that /proc/mounts shows as
+    gstore's own is touched, and only when it is dead.
+    """
+    import errno
+    import os
+    import subprocess
+
+    from gstore.config import planned_mountpoint
+
+    planned = planned_mountpoint(args)
+    if planned is None:
+        return  # build_mount_request reports the problem
+    path, derived = planned
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if derived:
+            try:
+                os.makedirs(path, mode=0o755, exist_ok=True)
+            except OSError as exc:
+                print(f"gstore-mount: cannot create the mount point {path}: {exc.strerror}", file=sys.stderr)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN or str(path) not in gstore_mounts():
+            return
+        print(f"gstore-mount: {path} is a dead gstore mount (its daemon ended without unmounting); "
+              "unmounting it", file=sys.stderr)
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,14 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--config", help="configuration file (default: the usual lookup order)")
     status = sub.add_parser("status", help="show cache, read and upload state of running mounts")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
-    status.add_argument("mountpoints", nargs="*", help="mount points (default: every gstore mount)")
+    status.add_argument("mountpoints", nargs="*", metavar="MOUNTPOINT",
+                        help="mount points (default: every gstore mount in /proc/mounts)")
+    status.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="give up on a mount that does not answer within SECONDS (default: 10)")
     flush = sub.add_parser("flush", help="upload everything pending (or PATHs) and wait until durable")
     flush.add_argument("mountpoint")
     flush.add_argument("paths", nargs="*", help="files or directories inside the mount (default: all)")
     args = parser.parse_args(argv)
 
     if args.command == "status":
-        return _status(args.mountpoints, as_json=args.json)
+        return _status(args.mountpoints, as_json=args.json, timeout=args.timeout)
     if args.command == "flush":
         return _flush(args.mountpoint, args.paths)
 
@@ -60,20 +99,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _unescape_mount_field(text: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash as octal escapes (\\040 ...)."""
+    import re
+
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
 def gstore_mounts() -> list[str]:
-    """Mount points of the running gstore mounts (from /proc/mounts)."""
+    """Mount points of the gstore mounts in /proc/mounts (of this mount namespace)."""
     found = []
     with open("/proc/mounts", encoding="utf-8", errors="replace") as mounts:
         for line in mounts:
             fields = line.split()
-            if len(fields) >= 3 and fields[2] == "fuse.gstore":
-                found.append(fields[1].replace("\\040", " "))
+            if len(fields) >= 3 and fields[2] in ("fuse.gstore", "fuse.gstore-mount"):
+                found.append(_unescape_mount_field(fields[1]))
     return found
 
 
-def _status(mountpoints: list[str], *, as_json: bool) -> int:
+def _read_status(mountpoint: str, timeout: float) -> dict:
+    """The mount's .gstore/status.json; OSError if unreadable, TimeoutError if it does not answer."""
     import json
     import os
+    import threading
+
+    outcome: list = []
+
+    def read() -> None:
+        try:
+            with open(os.path.join(mountpoint, ".gstore", "status.json"), encoding="utf-8") as f:
+                outcome.append(json.load(f))
+        except (OSError, ValueError) as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=read, daemon=True)  # a hung mount must not hang `gstore status`
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise TimeoutError(f"no answer within {timeout:g}s (daemon stuck or stopped?)")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _status(mountpoints: list[str], *, as_json: bool, timeout: float = 10.0) -> int:
+    import json
 
     targets = mountpoints or gstore_mounts()
     if not targets:
@@ -82,10 +152,16 @@ def _status(mountpoints: list[str], *, as_json: bool) -> int:
     results, code = {}, 0
     for mountpoint in targets:
         try:
-            with open(os.path.join(mountpoint, ".gstore", "status.json"), encoding="utf-8") as f:
-                results[mountpoint] = json.load(f)
+            results[mountpoint] = _read_status(mountpoint, timeout)
+        except TimeoutError as exc:
+            print(f"gstore: {mountpoint}: {exc}", file=sys.stderr)
+            code = 1
         except OSError as exc:
-            print(f"gstore: {mountpoint}: not a running gstore mount ({exc.strerror})", file=sys.stderr)
+            hint = " (a dead mount: its daemon ended; fusermount3 -u it)" if exc.errno == 107 else ""
+            print(f"gstore: {mountpoint}: not a running gstore mount ({exc.strerror}){hint}", file=sys.stderr)
+            code = 1
+        except ValueError as exc:
+            print(f"gstore: {mountpoint}: unreadable status ({exc})", file=sys.stderr)
             code = 1
     if as_json:
         print(json.dumps(results if len(targets) > 1 or not mountpoints else next(iter(results.values()), {}),
@@ -96,10 +172,18 @@ def _status(mountpoints: list[str], *, as_json: bool) -> int:
         ratio = "n/a" if cache["hit_ratio"] is None else f"{100 * cache['hit_ratio']:.1f}%"
         print(f"{mountpoint}: {st['backend']} (mount {st['mount']}, pid {st['pid']}, up {st['uptime_s']:.0f}s"
               f"{', read-only' if st['read_only'] else ''})")
+        if st.get("config") or st.get("log"):
+            print(f"  config    {st.get('config') or '(none)'}; log {st.get('log') or 'stderr'}"
+                  f"{'; per-request debug on' if st.get('debug_requests') else ''}")
         print(f"  cache     {cache['used'] / 2**20:,.1f} of {cache['capacity'] / 2**20:,.0f} MiB in {cache['blocks']} blocks,"
               f" hit ratio {ratio}, {cache['evictions']} evictions  ({cache['dir']})")
         print(f"  reads     {reads['bytes_fetched'] / 2**20:,.1f} MiB fetched in {reads['fetches']} requests"
               f" ({reads['prefetches']} prefetches), {reads['hit_bytes'] / 2**20:,.1f} MiB served from cache")
+        health = st.get("backend_health")
+        if health:
+            print(f"  backend   {health['state']}, {health['retries']} retries, {health['failed_operations']} failed,"
+                  f" breaker opened {health['times_opened']}x"
+                  + (f"; last error: {health['last_error']}" if health.get("last_error") else ""))
         if uploads.get("enabled"):
             print(f"  uploads   {uploads['pending']} pending, {uploads['failing']} failing, {uploads['uploaded']} done"
                   f" ({uploads['bytes_uploaded'] / 2**20:,.1f} MiB sent, "

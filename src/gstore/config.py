@@ -132,11 +132,18 @@ class MountOptions:
     metadata_entries: int = 200_000
     fetch_concurrency: int = 16
     request_timeout: float = 60.0
+    retries: int = 4
+    breaker_threshold: int = 10
+    breaker_cooldown: float | None = None
     write_back_delay: float = 5.0
     drain_timeout: float = 300.0
     conflict: str = "keep-both"
+    concat_dir: str | None = ".concat"
+    diff_dir: str | None = ".diff"
+    versions_dir: str | None = ".versions"
     log_level: str = "INFO"
     log_file: Path | None = None
+    debug_requests: bool = False
     fsname: str | None = None
 
 
@@ -388,6 +395,16 @@ def _conv_fsname(value: Any, ctx: _Context) -> str:
 CONFLICT_POLICIES = ("keep-both", "overwrite", "fail")
 
 
+def _conv_virtual_dir(value: Any, ctx: _Context) -> str | None:
+    if not isinstance(value, str):
+        raise ConfigError(f"expected a directory name or off, got {_type_name(value)}")
+    if value.strip().lower() in ("off", "none", "false", "no"):
+        return None
+    if value in ("", ".", "..") or "/" in value or "," in value or any(not ch.isprintable() for ch in value):
+        raise ConfigError(f'expected a plain directory name (no "/" or ",") or off, got "{value}"')
+    return value
+
+
 def _conv_conflict(value: Any, ctx: _Context) -> str:
     if not isinstance(value, str) or value.strip().lower() not in CONFLICT_POLICIES:
         raise ConfigError(f"expected one of {', '.join(CONFLICT_POLICIES)}, got {value!r}")
@@ -474,6 +491,15 @@ _FIELDS: dict[str, _Field] = {
         _Field("request_timeout", _conv_duration, "DUR",
                "seconds before a backend request is abandoned and the read fails with EIO",
                "60", minimum=0.001),
+        _Field("retries", _conv_int, "N",
+               "extra attempts of a failed read-side backend request (backoff with jitter), all within "
+               "--request-timeout", "4", minimum=0, maximum=20),
+        _Field("breaker_threshold", _conv_int, "N",
+               "consecutive backend failures after which calls fail fast (EIO) until a probe succeeds",
+               "10", minimum=1, maximum=10_000),
+        _Field("breaker_cooldown", _conv_duration, "DUR",
+               "seconds between probes of a backend that is down",
+               "half the request timeout, 1 to 5", minimum=0.01),
         _Field("write_back_delay", _conv_duration, "DUR",
                "seconds a written file stays unchanged before it is uploaded", "5"),
         _Field("drain_timeout", _conv_duration, "DUR",
@@ -481,10 +507,19 @@ _FIELDS: dict[str, _Field] = {
         _Field("conflict", _conv_conflict, "POLICY",
                "when the backend copy changed since this mount read it: keep-both (ours goes to "
                "NAME.conflict-TIMESTAMP), overwrite (ours wins) or fail (ours stays pending)", "keep-both"),
+        _Field("concat_dir", _conv_virtual_dir, "NAME",
+               "hidden directory of virtual concatenations in every folder (off: none)", ".concat"),
+        _Field("diff_dir", _conv_virtual_dir, "NAME",
+               "hidden directory of virtual unified diffs in every folder (off: none)", ".diff"),
+        _Field("versions_dir", _conv_virtual_dir, "NAME",
+               "hidden directory of object versions in every folder (off: none)", ".versions"),
         _Field("log_level", _conv_level, "LEVEL", f"log verbosity: {', '.join(LOG_LEVELS)}", "INFO"),
         _Field("log_file", _conv_path, "FILE",
                "write the log to FILE",
                "stderr in the foreground; gstore-mount.log in the mount's cache subdirectory when daemonized"),
+        _Field("debug_requests", _conv_bool, None,
+               "log one line per kernel request and per backend request (operation, path, result, "
+               "duration) at DEBUG level, for troubleshooting; SIGUSR1 toggles it while running", "off"),
         _Field("fsname", _conv_fsname, "NAME",
                "source name shown in /proc/mounts and df", "gstore:<mount name>"),
     )
@@ -612,6 +647,28 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
+def _warn_if_secrets_readable(path: Path, doc: Mapping[str, Any]) -> None:
+    """Warn (never fail) when a config file holding credentials can be read by other users."""
+    import logging
+
+    from gstore.log import secret_values
+
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    mounts = doc.get("mounts")
+    if not mode & 0o044 or not isinstance(mounts, dict):
+        return
+    for name, raw in mounts.items():
+        options = raw.get("options") if isinstance(raw, dict) else None
+        if isinstance(options, dict) and secret_values(options, env={}):
+            logging.getLogger("gstore.config").warning(
+                "%s holds credentials (mount %r) and other users can read it (mode %04o); "
+                "run: chmod 600 %s", path, str(name), mode, path)
+            return
+
+
 def _check_option_table(table: Mapping[str, Any], ctx: _Context, where: str) -> dict[str, Any]:
     """Converts the MountOptions keys of ``table``; ``where`` prefixes messages."""
     result: dict[str, Any] = {}
@@ -629,6 +686,7 @@ def _load(
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """``([defaults] overrides, {mount name: entry})`` of one config file."""
     doc = _read_toml(path)
+    _warn_if_secrets_readable(path, doc)
     base_dir = path.parent if path.is_absolute() else (Path.cwd() / path).parent
     ctx = _Context(base_dir, env, from_text=False)
 
@@ -889,6 +947,10 @@ config file lookup: --config FILE, $GSTORE_CONFIG, $XDG_CONFIG_HOME/gstore/mount
 precedence: built-in defaults < [defaults] < [mounts.NAME] keys < -o options < long options.
 SIZE: 4096, 512K, 4M, 1.5G, 10GiB (binary multiples). DUR: seconds, or 500ms, 30s, 5m, 1h.
 See docs/configuration.md for the file format.
+
+as a mount(8) helper (fstab type fuse.gstore-mount, see docs/operations.md):
+  mount -t fuse.gstore-mount NAME: /mnt/x -o config=FILE,cache_dir=DIR,allow_other
+SIGTERM/SIGINT or umount: pending uploads drain (--drain-timeout), then exit; SIGUSR1: toggle --debug-requests.
 """
 
 
@@ -905,7 +967,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "spec", metavar="SPEC", help="what to mount: NAME:, NAME:sub/path or PROTO://path (see below)"
     )
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory to mount on")
+    parser.add_argument(
+        "mountpoint", metavar="MOUNTPOINT", nargs="?", default=None,
+        help="an existing directory to mount on (default for NAME: only: the entry's mountpoint key, "
+        "else /mnt/gstore/NAME as root or ~/gstore/NAME, created if missing)",
+    )
     parser.add_argument(
         "--config", metavar="FILE", default=None,
         help="config file with the [mounts.NAME] tables (default: the lookup order below)",
@@ -962,7 +1028,10 @@ def _parse_o(
             if norm in ("ro", "rw"):
                 if has_value:
                     raise ConfigError(f'-o {key} takes no value (use "{key}" alone)')
-                result["read_only"] = norm == "ro"
+                if norm == "ro":
+                    result["read_only"] = True
+                # "rw" is a no-op: mount(8) adds it to every fstab line that does not
+                # say "ro", so it must not override read_only = true in the config.
                 continue
             f = _FIELDS.get(norm)
             if f is None:
@@ -980,6 +1049,50 @@ def _parse_o(
             except ConfigError as exc:
                 raise ConfigError(f"-o {key}: {exc}") from None
     return result, config
+
+
+#: Where root's mounts go when MOUNTPOINT is omitted (systemd template unit: gstore-mount@NAME).
+DEFAULT_MOUNT_ROOT = Path("/mnt/gstore")
+
+
+def default_mountpoint(
+    spec: str, config_path: Path | None, env: Mapping[str, str] = os.environ, *, euid: int | None = None
+) -> Path:
+    """The mount point of ``gstore-mount NAME:`` with no MOUNTPOINT.
+
+    The entry's ``mountpoint`` key, else ``/mnt/gstore/NAME`` for root and
+    ``~/gstore/NAME`` for other users. Only for ``NAME:`` (no sub path, no URL).
+    """
+    name, sep, sub = spec.partition(":")
+    if not sep or sub or "://" in spec or not _MOUNT_NAME.match(name):
+        raise ConfigError(
+            f'MOUNTPOINT is missing: it may be omitted only for a configured mount written "NAME:", '
+            f'got "{spec}" (see gstore-mount --help)'
+        )
+    if config_path is not None:
+        entry = _load(Path(config_path), env)[1].get(name)
+        if entry is not None and entry.get("mountpoint") is not None:
+            return Path(entry["mountpoint"])
+    if (os.geteuid() if euid is None else euid) == 0:
+        return DEFAULT_MOUNT_ROOT / name
+    return _home(env) / "gstore" / name
+
+
+def planned_mountpoint(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> tuple[Path, bool] | None:
+    """``(mount point, derived)`` that ``gstore-mount ARGV`` would use, or None if ARGV is invalid.
+
+    No side effects; lets the caller prepare the directory before :func:`build_mount_request`.
+    """
+    try:
+        args = build_arg_parser().parse_intermixed_args(list(argv))
+        ctx = _Context(Path.cwd(), env, from_text=True)
+        if args.mountpoint is not None:
+            return _expand_path(args.mountpoint, ctx), False
+        _, o_config = _parse_o(args.o, ctx, sloppy=True)
+        config_path = find_config(args.config if args.config is not None else o_config, env)
+        return default_mountpoint(args.spec, config_path, env), True
+    except (ConfigError, SystemExit):
+        return None
 
 
 def _check_mountpoint(text: str, env: Mapping[str, str]) -> Path:
@@ -1028,7 +1141,22 @@ def build_mount_request(argv: Sequence[str], env: Mapping[str, str] = os.environ
             f"cache_size ({options.cache_size} bytes) must be at least "
             f"block_size ({options.block_size} bytes)"
         )
-    mountpoint = _check_mountpoint(args.mountpoint, env)
+    virtual_dirs = [d for d in (options.concat_dir, options.diff_dir, options.versions_dir) if d]
+    if len(set(virtual_dirs)) != len(virtual_dirs):
+        raise ConfigError(
+            f"concat_dir, diff_dir and versions_dir must be different names, got "
+            f"{options.concat_dir!r}, {options.diff_dir!r}, {options.versions_dir!r}"
+        )
+    if args.mountpoint is None:
+        derived = default_mountpoint(args.spec, config_path, env)
+        try:
+            mountpoint = _check_mountpoint(str(derived), env)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc}; it is the mount point of {args.spec} when MOUNTPOINT is omitted (see gstore-mount --help)"
+            ) from None
+    else:
+        mountpoint = _check_mountpoint(args.mountpoint, env)
     return MountRequest(
         backend=backend, mountpoint=mountpoint, options=options, config_path=config_path
     )

@@ -26,7 +26,14 @@ import trio
 
 from gstore import __version__, systemd
 from gstore.config import MountRequest
-from gstore.log import redactor, secret_values, setup_logging
+from gstore.log import (
+    RequestTracer,
+    redactor,
+    secret_values,
+    setup_logging,
+    stderr_is_journal,
+    traced_backend_call,
+)
 
 log = logging.getLogger("gstore.daemon")
 
@@ -58,6 +65,7 @@ class Startup:
 
     def failed(self, message: str) -> None:
         self._send("ERR " + message)
+        systemd.notify(f"STATUS=Failed: {message}")
 
 
 def state_dir_for(request: MountRequest) -> Path:
@@ -122,13 +130,18 @@ def _detach_stdio() -> None:
     os.close(devnull)
 
 
+def log_file_of(request: MountRequest, state_dir: Path) -> Path | None:
+    """Where the daemon writes its log file (None: stderr only)."""
+    if request.options.log_file is None and not request.options.foreground:
+        return state_dir / "gstore-mount.log"
+    return request.options.log_file
+
+
 def run(request: MountRequest) -> int:
     """Mount and serve; returns the process exit code."""
     options = request.options
     state_dir = state_dir_for(request)
-    log_file = options.log_file
-    if not options.foreground and log_file is None:
-        log_file = state_dir / "gstore-mount.log"
+    log_file = log_file_of(request, state_dir)
     redactor.add(secret_values(request.backend.options))
     mountpoint = str(request.mountpoint)
     if os.path.ismount(mountpoint):
@@ -174,7 +187,9 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
     from gstore.cache.reader import BlockReader
     from gstore.fuse_ops import Operations, mount_options
     from gstore.vfs.filesystem import FileSystem
+    from gstore.virtual import VirtualNames
     from gstore.vfs.metadata import MetadataCache
+    from gstore.vfs.mtimes import MtimeStore
     from gstore.write.staging import StagingArea
     from gstore.write.writeback import ConflictPolicy, WriteBack
 
@@ -189,7 +204,11 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
     if spec.source == "<built-in>" and spec.protocol == "file":
         Path(spec.root).mkdir(parents=True, exist_ok=True)  # the built-in local folder
     try:
-        backend = make_backend(spec.protocol, spec.root, dict(spec.options), request_timeout=options.request_timeout)
+        backend = make_backend(
+            spec.protocol, spec.root, dict(spec.options), request_timeout=options.request_timeout,
+            retries=options.retries, breaker_threshold=options.breaker_threshold,
+            breaker_cooldown=options.breaker_cooldown,
+        )
     except (ImportError, ValueError, TypeError) as exc:
         raise StartupError(f"cannot create the {spec.protocol!r} backend: {redactor.redact(str(exc))}") from exc
     try:
@@ -204,6 +223,7 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
         dir_ttl=options.dir_cache_ttl,
         negative_ttl=options.negative_ttl,
         max_entries=options.metadata_entries,
+        mtimes=MtimeStore(state_dir / "mtimes.sqlite"),
     )
     reader = BlockReader(
         store,
@@ -216,7 +236,8 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
     if not options.read_only:
         staging = StagingArea(state_dir / "staging")
     fs = FileSystem(backend, metadata, reader, attr_ttl=options.attr_ttl, staging=staging,
-                    reserve_space=store.reserve)
+                    reserve_space=store.reserve,
+                    virtual_names=VirtualNames(options.concat_dir, options.diff_dir, options.versions_dir))
     if staging is not None:
         writeback = WriteBack(
             backend, staging, read_base=fs.read_base, on_uploaded=fs.uploaded,
@@ -240,10 +261,14 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
     from gstore.vfs.control import ControlFiles
 
     started = time.time()
+    log_target = str(log_file_of(request, state_dir) or ("journal" if stderr_is_journal() else "stderr"))
     fs.control = ControlFiles(
-        status=lambda: build_status(request=request, state_dir=state_dir, fs=fs, store=store, reader=reader,
-                                    metadata=metadata, writeback=writeback, started=started,
-                                    recent_errors=RECENT_ERRORS),
+        status=lambda: {
+            **build_status(request=request, state_dir=state_dir, fs=fs, store=store, reader=reader,
+                           metadata=metadata, writeback=writeback, started=started,
+                           recent_errors=RECENT_ERRORS),
+            "log": log_target, "debug_requests": tracer.enabled,
+        },
         flush=fs.flush_paths,
     )
     ops = Operations(
@@ -256,6 +281,9 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
         negative_ttl=options.negative_ttl,
         block_size=options.block_size,
     )
+    tracer = RequestTracer()
+    _watch_requests(tracer, ops, fs, backend)
+    tracer.set(bool(getattr(options, "debug_requests", False)))
     fsname = options.fsname or f"gstore:{spec.name}"
     fuse_options = mount_options(
         fsname=fsname,
@@ -274,18 +302,21 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
             reader.attach(nursery)
             if writeback is not None:
                 await nursery.start(writeback.run)
-            nursery.start_soon(_handle_signals, stopping, writeback, options.drain_timeout)
+            nursery.start_soon(_handle_signals, stopping, writeback, options.drain_timeout, tracer)
             nursery.start_soon(_announce_ready, request, startup, not options.foreground, spec.display())
             interval = systemd.watchdog_interval()
             if interval:
                 nursery.start_soon(_watchdog, interval)
+            if systemd.enabled():
+                nursery.start_soon(_report_status, stopping, writeback, store, f"{spec.display()} on {request.mountpoint}")
             await pyfuse3.main(min_tasks=4, max_tasks=128)
+            stopping.begin("unmounted")
             if writeback is not None and writeback.pending():
                 # Unmounted from outside (umount, fusermount3 -u): the queue still drains.
-                await _drain(writeback, options.drain_timeout)
+                await _drain(writeback, options.drain_timeout, stopping)
             nursery.cancel_scope.cancel()
     finally:
-        systemd.notify("STOPPING=1")
+        stopping.begin("stopping")
         log.info("unmounting %s%s", request.mountpoint, f" ({stopping.reason})" if stopping.reason else "")
         try:
             pyfuse3.close(unmount=True)
@@ -299,37 +330,174 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
 
 
 class _Stopping:
-    reason: str = ""
+    """Where the stop stands: told to systemd once (STOPPING=1), read by the status reporter."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self.stopping = False
+        self.drain_deadline: float | None = None  # trio.current_time() at which the drain gives up
+        self.status_changed = trio.Event()
+
+    def begin(self, reason: str) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.reason = self.reason or reason
+            systemd.notify("STOPPING=1")
+            self.status_changed.set()
 
 
-async def _handle_signals(stopping: _Stopping, writeback: object, drain_timeout: float) -> None:
+async def _handle_signals(stopping: _Stopping, writeback: object, drain_timeout: float,
+                          tracer: RequestTracer | None = None) -> None:
     import pyfuse3
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 log.info("SIGHUP ignored (nothing to reload)")
                 continue
+            if signum == signal.SIGUSR1:
+                if tracer is not None:
+                    tracer.toggle()
+                continue
             stopping.reason = signal.Signals(signum).name
             log.info("%s received: stopping", stopping.reason)
-            systemd.notify("STOPPING=1")
+            stopping.begin(stopping.reason)
             if writeback is not None and writeback.pending():  # type: ignore[attr-defined]
                 # Drain while still mounted, so programs are not stuck on a dead mount meanwhile.
-                await _drain(writeback, drain_timeout)
+                await _drain(writeback, drain_timeout, stopping)
             pyfuse3.terminate()
             return
 
 
-async def _drain(writeback: object, timeout: float) -> None:
+# Time allowed after the drain for unmounting and closing, when asking systemd for more time.
+_STOP_MARGIN = 30.0
+
+
+async def _drain(writeback: object, timeout: float, stopping: _Stopping | None = None) -> None:
     pending = writeback.pending()  # type: ignore[attr-defined]
     log.info("uploading %d pending file(s) before stopping (at most %gs)", len(pending), timeout)
-    systemd.notify(f"STATUS=Draining {len(pending)} pending upload(s)")
-    failures = await writeback.flush(timeout=timeout)  # type: ignore[attr-defined]
+    systemd.notify(f"STATUS=Draining {len(pending)} pending upload(s) (at most {timeout:g}s)\n"
+                   f"EXTEND_TIMEOUT_USEC={int((timeout + _STOP_MARGIN) * 1e6)}")
+    if stopping is not None:
+        stopping.drain_deadline = trio.current_time() + timeout
+        stopping.status_changed.set()
+    try:
+        failures = await writeback.flush(timeout=timeout)  # type: ignore[attr-defined]
+    finally:
+        if stopping is not None:
+            stopping.drain_deadline = None
     if failures:
         log.warning("%d upload(s) not done at stop; kept in the journal for the next start: %s",
                     len(failures), "; ".join(failures[:20]))
+        systemd.notify(f"STATUS=Stopping: {len(failures)} upload(s) not done, kept for the next start")
     else:
         log.info("all pending uploads are durable")
+        systemd.notify("STATUS=Stopping: all pending uploads are durable")
+
+
+def _status_line(where: str, writeback: object, store: object) -> str:
+    stats = store.stats()  # type: ignore[attr-defined]
+    text = f"Mounted {where}; cache {stats.used_bytes / 2**20:,.0f} of {stats.capacity / 2**20:,.0f} MiB"
+    if writeback is not None:
+        pending = writeback.pending()  # type: ignore[attr-defined]
+        failing = sum(1 for staged in pending if staged.last_error)
+        text += f"; {len(pending)} pending upload(s)" + (f", {failing} failing" if failing else "")
+    return text
+
+
+async def _report_status(stopping: _Stopping, writeback: object, store: object, where: str,
+                         interval: float = 10.0) -> None:
+    """Keep systemd's STATUS= current: every ``interval`` while mounted, every second while draining."""
+    last = ""
+    while True:
+        if stopping.drain_deadline is not None:
+            left = writeback.pending() if writeback is not None else []  # type: ignore[attr-defined]
+            remaining = max(0.0, stopping.drain_deadline - trio.current_time())
+            text = (f"STATUS=Draining: {len(left)} pending upload(s) left, giving up in {remaining:.0f}s\n"
+                    f"EXTEND_TIMEOUT_USEC={int((remaining + _STOP_MARGIN) * 1e6)}")
+            wait = 1.0
+        elif stopping.stopping:
+            text, wait = "", 1.0
+        else:
+            text, wait = "STATUS=" + _status_line(where, writeback, store), interval
+        if text and text != last:
+            systemd.notify(text)
+            last = text
+        stopping.status_changed = trio.Event()
+        with trio.move_on_after(wait):
+            await stopping.status_changed.wait()
+
+
+def _watch_requests(tracer: RequestTracer, ops: object, fs: object, backend: object) -> None:
+    """Register the kernel handlers of ``ops`` and the request methods of the backend with ``tracer``."""
+    import inspect
+
+    import pyfuse3
+
+    handlers = [name for name, value in vars(pyfuse3.Operations).items()
+                if not name.startswith("_") and inspect.iscoroutinefunction(value)
+                and getattr(type(ops), name, None) is not value]
+
+    def describe_fh(fh: object) -> str:
+        handle = getattr(fs, "_handles", {}).get(fh)  # noqa: SLF001 - read-only, for the log
+        inode = getattr(handle, "inode", None)
+        return f"fh={fh} {getattr(inode, 'path', '?')!r}" if inode is not None else f"fh={fh}"
+
+    def describe_ino(ino: object) -> str:
+        inode = fs.inodes.get(ino) if isinstance(ino, int) else None  # type: ignore[attr-defined]
+        return f"ino={ino} {inode.path!r}" if inode is not None else f"ino={ino}"
+
+    def describe(name: str, value: object) -> str | None:
+        if name in ("ctx", "token", "attr", "fields"):
+            return None
+        if name == "fh":
+            return describe_fh(value)
+        if "inode" in name and name != "inode_list":
+            return describe_ino(value)
+        if isinstance(value, bytes) and name in ("name", "name_old", "name_new", "target"):
+            return f"{name}={value.decode('utf-8', 'replace')!r}"
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return f"{name}=<{len(value)} bytes>"
+        if isinstance(value, (list, tuple)):
+            return f"{name}=<{len(value)}>"
+        return f"{name}={value!r}"
+
+    def result_text(result: object) -> str:
+        if isinstance(result, (bytes, bytearray, memoryview)):
+            return f"{len(result)} bytes"
+        if isinstance(result, pyfuse3.EntryAttributes):
+            return f"ino={result.st_ino} size={result.st_size}"
+        if isinstance(result, pyfuse3.FileInfo):
+            return f"fh={result.fh}"
+        if isinstance(result, tuple) and result and isinstance(result[0], pyfuse3.FileInfo):
+            return f"fh={result[0].fh} ino={result[1].st_ino}"
+        return "ok" if result is None else repr(result)[:100]
+
+    from gstore.log import requests_log
+
+    def make_handler(name: str, method: Callable[..., object]) -> Callable[..., object]:
+        params = [p for p in inspect.signature(getattr(pyfuse3.Operations, name)).parameters if p != "self"]
+
+        async def handler(*args: object) -> object:
+            shown = " ".join(filter(None, (describe(n, v) for n, v in zip(params, args, strict=False))))
+            start = time.monotonic()
+            try:
+                result = await method(*args)  # type: ignore[misc]
+            except pyfuse3.FUSEError as exc:
+                requests_log.debug("fuse %s %s -> %s in %.2f ms", name, shown,
+                                   errno.errorcode.get(exc.errno, exc.errno), 1000 * (time.monotonic() - start))
+                raise
+            requests_log.debug("fuse %s %s -> %s in %.2f ms", name, shown, result_text(result),
+                               1000 * (time.monotonic() - start))
+            return result
+
+        return handler
+
+    tracer.watch(ops, handlers, make_handler)
+    target = getattr(backend, "inner", backend)  # the real backend under the retry layer: one line per attempt
+    methods = [name for name in dir(type(target)) if not name.startswith("_")
+               and inspect.iscoroutinefunction(getattr(type(target), name, None))]
+    tracer.watch(target, methods, traced_backend_call)
 
 
 async def _announce_ready(request: MountRequest, startup: Startup, detach: bool, display: str) -> None:

@@ -28,7 +28,7 @@ from gstore.vfs.inodes import Inode
 log = logging.getLogger(__name__)
 
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST,
-                           errno.ENODATA, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL})
+                           errno.ENODATA, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL, errno.ENOTSUP})
 
 
 # The last errors reported to programs, for `gstore status` (bounded).
@@ -102,6 +102,8 @@ class Operations(pyfuse3.Operations):
         attrs.entry_timeout = self._entry_ttl
         attrs.attr_timeout = self._attr_ttl
         attrs.st_mode = self._dir_mode if info.is_dir else self._file_mode
+        if inode.virtual:  # computed, read-only: no write bits
+            attrs.st_mode &= ~0o222
         attrs.st_nlink = 1  # "unknown": keeps find(1) from trusting a subdirectory count
         attrs.st_uid, attrs.st_gid = self._uid, self._gid
         attrs.st_size = info.size
@@ -165,7 +167,7 @@ class Operations(pyfuse3.Operations):
                 path = f"{parent}/{name}" if parent else name
                 # Register first, so the number sent is the inode that gets the reference
                 # (a kind change moves the path to a new number); undo if not accepted.
-                inode = table.remember(path, info)
+                inode = self.fs.dir_entry_inode(handle, path, info)
                 if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._attributes(inode), position + 1):
                     table.forget(inode.ino, 1)
                     return
@@ -257,6 +259,36 @@ class Operations(pyfuse3.Operations):
         old, new = self._name(name_old), self._name(name_new)
         with _errors("rename", f"{old} -> {new}"):
             await self.fs.rename(parent_inode_old, old, parent_inode_new, new, flags)
+
+    # -- extended attributes (user.md5, user.mimetype, user.etag, user.version_id) ----------
+
+    @staticmethod
+    def _xattr_name(raw: bytes) -> str:
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.ENODATA) from None
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        text = self._xattr_name(name)
+        if not text.startswith("user."):
+            raise pyfuse3.FUSEError(errno.ENODATA)  # security.*, system.*: asked by ls -l, never stored
+        with _errors("getxattr", text):
+            return await self.fs.xattrs.get(self.fs.inode(inode), text)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        with _errors("listxattr", inode):
+            return [name.encode() for name in await self.fs.xattrs.names(self.fs.inode(inode))]
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        text = self._xattr_name(name)
+        with _errors("setxattr", text):
+            await self.fs.xattrs.set(self.fs.inode(inode), text, value)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        text = self._xattr_name(name)
+        with _errors("removexattr", text):
+            await self.fs.xattrs.remove(self.fs.inode(inode), text)
 
     async def _not_permitted(self, *args: object, **kwargs: object) -> None:
         # Symlinks, hard links and device nodes have no object-store equivalent

@@ -12,7 +12,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +85,35 @@ class RedactingFilter(logging.Filter):
             message += "\n" + self.redact(formatter.formatException(record.exc_info))
             record.exc_info = None
             record.exc_text = None
+        # One line per event, whatever the message holds (tracebacks, names with
+        # newlines): a log line is a journal entry and a grep hit on its own.
+        if "\n" in message or "\r" in message:
+            message = message.replace("\r", "\\r").replace("\n", " | ")
         record.msg, record.args = message, None
         return True
 
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Under journald the journal adds the time; "<N>" gives each line its syslog priority.
+_JOURNAL_FORMAT = "<%(priority)d>%(levelname)s %(name)s: %(message)s"
+_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.priority = _PRIORITIES.get(record.levelno, 6)
+        return super().format(record)
+
+
+def stderr_is_journal(env: Mapping[str, str] = os.environ) -> bool:
+    """True when stderr is a journald stream ($JOURNAL_STREAM names its device and inode)."""
+    stream = env.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
 
 redactor = RedactingFilter()
 
@@ -110,10 +135,12 @@ def setup_logging(
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
+    journal = stderr_is_journal()
     for handler in handlers:
-        if stderr_level and not isinstance(handler, logging.FileHandler):
+        to_stderr = not isinstance(handler, logging.FileHandler)
+        if stderr_level and to_stderr:
             handler.setLevel(stderr_level.upper())
-        handler.setFormatter(logging.Formatter(_FORMAT))
+        handler.setFormatter(_JournalFormatter(_JOURNAL_FORMAT) if to_stderr and journal else logging.Formatter(_FORMAT))
         handler.addFilter(redactor)
         root.addHandler(handler)
     root.setLevel(level.upper())
@@ -121,3 +148,83 @@ def setup_logging(
     quiet = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
     for name in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "asyncio"):
         logging.getLogger(name).setLevel(max(quiet, logging.INFO) if name == "s3fs" else quiet)
+
+
+# --------------------------------------------------------------------------- per-request tracing
+
+requests_log = logging.getLogger("gstore.requests")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 200 else value[:200] + "...")
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return f"<{type(value).__name__} of {len(value)}>"
+    path = getattr(value, "path", None)  # ObjectInfo-like, StagedFile, ...
+    if isinstance(path, str):
+        return f"<{type(value).__name__} {path!r}>"
+    return f"<{type(value).__name__}>"
+
+
+class RequestTracer:
+    """One DEBUG line per kernel request and per backend request, switchable at run time.
+
+    Switching on replaces the watched methods with logging wrappers *on the
+    instance* (the class is untouched); switching off removes them again, so
+    a mount that is not being traced pays nothing.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._patches: list[tuple[object, str, Callable[[Any], Any]]] = []
+
+    def watch(self, obj: object, names: Iterable[str], make: Callable[[str, Any], Any]) -> None:
+        """Trace ``obj.NAME`` for each name; ``make(name, original)`` returns the wrapper."""
+        for name in names:
+            self._patches.append((obj, name, make))
+            if self.enabled:
+                setattr(obj, name, make(name, getattr(obj, name)))
+
+    def set(self, enabled: bool) -> None:
+        if enabled == self.enabled:
+            return
+        self.enabled = enabled
+        if enabled:
+            requests_log.setLevel(logging.DEBUG)
+        for obj, name, make in self._patches:
+            if enabled:
+                setattr(obj, name, make(name, getattr(obj, name)))
+            else:
+                try:
+                    delattr(obj, name)
+                except AttributeError:
+                    pass
+        requests_log.warning("per-request debug logging %s", "on" if enabled else "off")
+        if not enabled:
+            requests_log.setLevel(logging.NOTSET)
+
+    def toggle(self) -> None:
+        self.set(not self.enabled)
+
+
+def traced_backend_call(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrapper for a backend coroutine method: ``backend NAME ARGS -> RESULT in MS``."""
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        shown = ", ".join([_short(a) for a in args] + [f"{k}={_short(v)}" for k, v in kwargs.items()])
+        start = time.monotonic()
+        try:
+            result = await method(*args, **kwargs)
+        except BaseException as exc:
+            requests_log.debug("backend %s(%s) -> %s: %s in %.1f ms", name, shown, type(exc).__name__, exc,
+                               1000 * (time.monotonic() - start))
+            raise
+        requests_log.debug("backend %s(%s) -> %s in %.1f ms", name, shown, _short(result),
+                           1000 * (time.monotonic() - start))
+        return result
+
+    return call

@@ -44,7 +44,10 @@ def build_status(*, request: Any, state_dir: Any, fs: Any, store: Any, reader: A
         "mountpoint": str(request.mountpoint),
         "mount": request.backend.name,
         "backend": request.backend.display(),
+        "backend_health": _backend_health(fs),
         "read_only": request.options.read_only,
+        "config": str(request.config_path) if request.config_path is not None else None,
+        "options": _public_options(request.options),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "uptime_s": round(time.time() - started, 1),
         "cache": {
@@ -61,3 +64,22 @@ def build_status(*, request: Any, state_dir: Any, fs: Any, store: Any, reader: A
         "uploads": uploads,
         "recent_errors": list(recent_errors)[-20:],
     }
+
+
+def _backend_health(fs: Any) -> dict[str, Any] | None:
+    """Circuit breaker state and retry counters (None for a backend without them)."""
+    health = getattr(getattr(fs, "backend", None), "health", None)
+    return health() if callable(health) else None
+
+
+def _public_options(options: Any) -> dict[str, Any]:
+    """The mount options as JSON values (none of them is a secret: backend options are elsewhere)."""
+    result: dict[str, Any] = {}
+    for name, value in vars(options).items():
+        if value is None or isinstance(value, (bool, int, float, str)):
+            result[name] = value
+        else:
+            result[name] = str(value)
+    if isinstance(result.get("umask"), int):
+        result["umask"] = f"{result['umask']:03o}"
+    return result

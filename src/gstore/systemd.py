@@ -37,3 +37,8 @@ def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
         return max(0.5, int(usec) / 2_000_000)
     except ValueError:
         return None
+
+
+def enabled(env: dict[str, str] | None = None) -> bool:
+    """True when a service manager listens ($NOTIFY_SOCKET is set)."""
+    return bool((env if env is not None else os.environ).get("NOTIFY_SOCKET"))

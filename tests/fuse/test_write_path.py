@@ -263,15 +263,41 @@ def test_cp_p_shutil_copy2_and_rsync_a_work(s3, mount, tmp_path):
     m = mount("test:", "--write-back-delay", "3600")
     subprocess.run(["cp", "-p", str(source / "a.txt"), str(m.path / "cp.txt")], check=True)
     shutil.copy2(source / "a.txt", m.path / "copy2.txt")
-    subprocess.run(["rsync", "-a", f"{source}/", f"{m.path}/synced/"], check=True) if shutil.which("rsync") else None
+    subprocess.run(["rsync", "-a", f"{source}/", f"{m.path}/synced/"], check=True)
     os.utime(m.path / "existing.txt", (old, old))  # on an object written by someone else: must not fail
     os.chmod(m.path / "existing.txt", 0o600)
     assert int(os.stat(m.path / "cp.txt").st_mtime) == int(old)
     gstore("flush", str(m.path))
     assert s3.get("cp.txt") == b"alpha" and s3.get("copy2.txt") == b"alpha"
     assert int(float(s3.client.head_object(Bucket=BUCKET, Key="cp.txt")["Metadata"]["mtime"])) == int(old)
-    if shutil.which("rsync"):
-        assert s3.get("synced/sub/b.bin") == (source / "sub" / "b.bin").read_bytes()
+    assert s3.get("synced/sub/b.bin") == (source / "sub" / "b.bin").read_bytes()
+
+
+def test_rsync_again_after_upload_and_remount_transfers_nothing(s3, mount, tmp_path):
+    """Listings carry only the upload time: the times rsync set must survive them."""
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    for i in range(5):
+        (source / "sub" / f"f{i}.txt").write_text(f"file {i}")
+        os.utime(source / "sub" / f"f{i}.txt", (1_600_000_000 + i, 1_600_000_000 + i))
+    m = mount("test:", "--write-back-delay", "0", "--attr-ttl", "1", "--dir-cache-ttl", "1")
+    subprocess.run(["rsync", "-a", f"{source}/", f"{m.path}/synced/"], check=True)
+    gstore("flush", str(m.path))
+    time.sleep(2.5)  # the cached listings expire; the next one comes from the backend
+    assert int(os.stat(m.path / "synced" / "sub" / "f3.txt").st_mtime) == 1_600_000_003
+
+    def transferred() -> list[str]:
+        out = subprocess.run(["rsync", "-a", "--itemize-changes", f"{source}/", f"{m.path}/synced/"],
+                             check=True, capture_output=True, text=True).stdout
+        return [line for line in out.splitlines() if line.startswith(">f")]
+
+    assert transferred() == []
+    m.stop()
+    m = mount("test:", "--attr-ttl", "1", "--dir-cache-ttl", "1")
+    assert transferred() == []
+    os.utime(m.path / "synced" / "sub" / "f1.txt", (1_700_000_000, 1_700_000_000))
+    time.sleep(2.5)
+    assert int(os.stat(m.path / "synced" / "sub" / "f1.txt").st_mtime) == 1_700_000_000
 
 
 def test_writes_fail_with_enospc_when_the_cache_disk_is_full(s3, mount, tmp_path):

@@ -824,10 +824,12 @@ def test_read_only_flags(tmp_path: Path, env: dict[str, str], mnt: Path) -> None
     assert build_mount_request([*base, "memory:", str(mnt), "-r"], env).options.read_only is True
     assert build_mount_request([*base, "memory:", str(mnt), "--read-only"], env).options.read_only is True
     assert build_mount_request([*base, "ro:", str(mnt)], env).options.read_only is True
-    assert build_mount_request([*base, "ro:", str(mnt), "-o", "rw"], env).options.read_only is False
+    # mount(8) adds "rw" to every fstab line without "ro": it must not undo the config.
+    assert build_mount_request([*base, "ro:", str(mnt), "-o", "rw"], env).options.read_only is True
     assert build_mount_request([*base, "ro:", str(mnt), "--no-read-only"], env).options.read_only is False
     assert build_mount_request([*base, "ro:", str(mnt), "-o", "rw", "-r"], env).options.read_only is True
-    assert build_mount_request([*base, "memory:", str(mnt), "-o", "ro,rw"], env).options.read_only is False
+    assert build_mount_request([*base, "memory:", str(mnt), "-o", "ro,rw"], env).options.read_only is True
+    assert build_mount_request([*base, "memory:", str(mnt), "-o", "rw"], env).options.read_only is False
     assert build_mount_request([*base, "memory:", str(mnt), "-o", "read_only=false"], env).options.read_only is False
 
 
@@ -969,7 +971,6 @@ def test_cli_value_errors(env: dict[str, str], mnt: Path, argv: list[str], fragm
     "argv",
     [
         [],
-        ["memory:"],
         ["memory:", "/tmp", "extra"],
         ["--no-such-option", "memory:", "/tmp"],
         ["--cache", "1G", "memory:", "/tmp"],  # no abbreviations

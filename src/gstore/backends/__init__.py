@@ -5,10 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 from gstore.backends.base import Backend, Listing, ObjectInfo
+from gstore.backends.resilience import ResiliencePolicy, ResilientBackend
 
 
-def make_backend(protocol: str, root: str, options: dict[str, Any], *, request_timeout: float | None) -> Backend:
-    """Create the backend for a mount.
+def make_backend(
+    protocol: str,
+    root: str,
+    options: dict[str, Any],
+    *,
+    request_timeout: float | None,
+    retries: int | None = None,
+    breaker_threshold: int | None = None,
+    breaker_cooldown: float | None = None,
+    resilient: bool = True,
+) -> Backend:
+    """Create the backend for a mount, wrapped in retries and a circuit breaker.
+
+    ``request_timeout`` bounds one operation (retries included); ``None``
+    means 60 s. The library's own retries (s3fs, botocore) are turned down to
+    a single attempt unless the options ask otherwise, so that the total time
+    an operation may take is decided in one place (:mod:`.resilience`).
 
     Must run in the daemon process after it has forked: fsspec starts its IO
     thread when the first async filesystem is created, and that thread does
@@ -23,13 +39,47 @@ def make_backend(protocol: str, root: str, options: dict[str, Any], *, request_t
 
         # gstore keeps its own bounded metadata cache; s3fs's would duplicate it unbounded.
         opts.setdefault("use_listings_cache", False)
+        if resilient:
+            # One attempt per call in s3fs and botocore: gstore retries (bounded) itself.
+            config_kwargs = dict(opts.get("config_kwargs") or {})
+            config_kwargs.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+            opts["config_kwargs"] = config_kwargs
         fs = fsspec.filesystem("s3", **opts)
-        return S3Backend(fs, root, request_timeout=request_timeout)
+        if resilient:
+            fs.retries = 1  # s3fs's own retry loop (a class attribute, not an option)
+        inner: Any = S3Backend(fs, root, request_timeout=request_timeout)
+    else:
+        from gstore.backends.generic import FsspecBackend
 
-    from gstore.backends.generic import FsspecBackend
+        fs = fsspec.filesystem(protocol, **opts)
+        inner = FsspecBackend(fs, protocol, root, request_timeout=request_timeout)
+    if not resilient:
+        return inner
+    return ResilientBackend(inner, resilience_policy(
+        request_timeout, retries=retries, breaker_threshold=breaker_threshold, breaker_cooldown=breaker_cooldown,
+    ))
 
-    fs = fsspec.filesystem(protocol, **opts)
-    return FsspecBackend(fs, protocol, root, request_timeout=request_timeout)
+
+def resilience_policy(
+    request_timeout: float | None,
+    *,
+    retries: int | None = None,
+    breaker_threshold: int | None = None,
+    breaker_cooldown: float | None = None,
+) -> ResiliencePolicy:
+    """The policy for the mount options; unset values get the documented defaults.
+
+    The breaker's probe interval defaults to half the request timeout, between
+    1 and 5 seconds: a backend that is back is noticed within that time.
+    """
+    deadline = 60.0 if request_timeout is None else float(request_timeout)
+    defaults = ResiliencePolicy()
+    return ResiliencePolicy(
+        retries=defaults.retries if retries is None else retries,
+        deadline=deadline,
+        breaker_threshold=defaults.breaker_threshold if breaker_threshold is None else breaker_threshold,
+        breaker_cooldown=(min(5.0, max(1.0, deadline / 2)) if breaker_cooldown is None else breaker_cooldown),
+    )
 
 
-__all__ = ["Backend", "Listing", "ObjectInfo", "make_backend"]
+__all__ = ["Backend", "Listing", "ObjectInfo", "ResilientBackend", "make_backend", "resilience_policy"]

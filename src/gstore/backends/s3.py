@@ -28,6 +28,7 @@ from gstore.backends.base import (
 )
 from gstore.backends.bridge import AsyncioBridge
 from gstore.errors import BackendError, StaleObjectError, as_backend_error, classify
+from gstore.virtual.versions import ObjectVersion
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,53 @@ class S3Writes:
             token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
             if not token:
                 return found
+
+    async def list_versions(self, path: str) -> list[ObjectVersion]:
+        """Every version (and delete marker) of the object at ``path``, as the store lists them.
+
+        A bucket without versioning lists one version, "null"."""
+        key = self.key_of(path)
+        found: list[ObjectVersion] = []
+        kwargs: dict[str, Any] = {"Prefix": key}
+        while True:
+            page = await self._call("list_object_versions", **kwargs)
+            for item, marker in [(v, False) for v in page.get("Versions", ())] + [
+                    (d, True) for d in page.get("DeleteMarkers", ())]:
+                if item.get("Key") != key:
+                    continue  # "key.bak" shares the prefix
+                found.append(ObjectVersion(
+                    version_id=item.get("VersionId"), last_modified=item["LastModified"],
+                    size=int(item.get("Size", 0)), etag=_strip_etag(item.get("ETag")),
+                    is_latest=bool(item.get("IsLatest")), is_delete_marker=marker))
+            next_key = page.get("NextKeyMarker")
+            if not page.get("IsTruncated") or not next_key or next_key > key:
+                return found
+            kwargs["KeyMarker"] = next_key
+            kwargs["VersionIdMarker"] = page.get("NextVersionIdMarker", "")
+
+    async def set_content_type(self, path: str, content_type: str) -> ObjectInfo:
+        """Change the Content-Type of an object in place: a server-side copy onto itself
+        that keeps every other header and the user metadata, and only if it is still
+        the version just looked at."""
+        key = self.key_of(path)
+        head = await self._call("head_object", Key=key)
+        if int(head.get("ContentLength", 0)) > 5 * 1024**3:
+            raise BackendError(errno.EFBIG, f"{path}: objects over 5 GiB cannot be rewritten in place")
+        kwargs: dict[str, Any] = {
+            "Key": key, "CopySource": {"Bucket": self.bucket, "Key": key},
+            "MetadataDirective": "REPLACE", "ContentType": content_type,
+            "Metadata": head.get("Metadata") or {},
+        }
+        if head.get("ETag"):
+            kwargs["CopySourceIfMatch"] = head["ETag"]
+        for name in ("CacheControl", "ContentDisposition", "ContentEncoding", "ContentLanguage"):
+            if head.get(name):
+                kwargs[name] = head[name]
+        await self._call("copy_object", **kwargs)
+        info = await self.head(path)
+        if info is None:
+            raise BackendError(errno.ENOENT, f"{path} vanished while its Content-Type was changed")
+        return info
 
 
 class S3Backend(S3Writes):

@@ -14,6 +14,7 @@ what was already fetched. Random reads fetch only the blocks they touch.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -22,8 +23,11 @@ import trio
 
 from gstore.backends.base import Backend, ObjectInfo
 from gstore.cache.blockstore import BlockStore
+from gstore.errors import BackendError, is_transient
 
 log = logging.getLogger(__name__)
+
+FAILURE_MEMORY = 0.5  # seconds a block whose fetch failed for good fails at once
 
 
 def object_cache_key(backend_key: str, identity: str) -> str:
@@ -83,6 +87,10 @@ class BlockReader:
         # of another program are never stuck behind someone's readahead.
         self._prefetch_limiter = trio.CapacityLimiter(max(1, fetch_concurrency * 3 // 4))
         self._inflight: dict[tuple[str, int], _Fetch] = {}
+        # Blocks whose fetch just failed for good (retries spent): the kernel retries a
+        # failed read at once with a smaller request, which must not cost a second
+        # --request-timeout. (key, index) -> (error, trio time until which it stands).
+        self._recent_failures: dict[tuple[str, int], tuple[OSError, float]] = {}
         self._nursery: trio.Nursery | None = None
         self.stats = ReaderStats()
 
@@ -131,6 +139,12 @@ class BlockReader:
     async def _fetch(self, stream: ReadStream, index: int) -> bytes:
         """The block's bytes, fetched once however many readers want them."""
         key = (stream.cache_key, index)
+        failed = self._recent_failures.get(key)
+        if failed is not None:
+            if failed[1] > trio.current_time():
+                error = failed[0]
+                raise BackendError(error.errno or errno.EIO, f"{error} (reported again)", transient=True)
+            del self._recent_failures[key]
         running = self._inflight.get(key)
         if running is not None:
             await running.done.wait()
@@ -146,16 +160,29 @@ class BlockReader:
             return job.data
         except BaseException as exc:
             job.error = exc
+            if isinstance(exc, OSError) and is_transient(exc):
+                self._remember_failure(key, exc)
             raise
         finally:
             del self._inflight[key]
             job.done.set()
+
+    def _remember_failure(self, key: tuple[str, int], exc: OSError) -> None:
+        now = trio.current_time()
+        if len(self._recent_failures) >= 1024:
+            self._recent_failures = {k: v for k, v in self._recent_failures.items() if v[1] > now}
+        self._recent_failures[key] = (exc, now + FAILURE_MEMORY)
 
     async def _download(self, stream: ReadStream, index: int) -> bytes:
         start = index * self.block_size
         end = start + self._block_len(stream.info, index)
         async with self._fetch_limiter:
             data = await self._backend.read_range(stream.path, start, end, stream.info)
+        if len(data) != end - start:
+            # Whatever the backend layer did, a short body never becomes a cached block.
+            self.stats.fetch_errors += 1
+            raise BackendError(errno.EIO, f"short read of block {index} of {stream.path}: "
+                               f"{len(data)} of {end - start} bytes", transient=True)
         self.stats.fetches += 1
         self.stats.bytes_fetched += len(data)
         try:

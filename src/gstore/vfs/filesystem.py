@@ -12,6 +12,7 @@ say, so this host sees its writes at once.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
@@ -37,6 +38,9 @@ from gstore.vfs.control import (
 )
 from gstore.vfs.inodes import ROOT_INODE, Inode, InodeTable, parent_path
 from gstore.vfs.metadata import ROOT_INFO, MetadataCache
+from gstore.vfs.virtual_files import VirtualFiles, VirtualReader
+from gstore.vfs.xattrs import Xattrs
+from gstore.virtual import VirtualNames, VirtualRef
 from gstore.write.staging import EXPECT_ABSENT, StagedFile, StagingArea
 from gstore.write.writeback import WriteBack
 
@@ -64,6 +68,12 @@ class ControlFileHandle:
 
 
 @dataclass(slots=True)
+class VirtualFileHandle:
+    inode: Inode
+    reader: VirtualReader
+
+
+@dataclass(slots=True)
 class FileHandle:
     inode: Inode
     stream: ReadStream | None
@@ -85,6 +95,7 @@ class FileSystem:
         writeback: WriteBack | None = None,
         staging: StagingArea | None = None,
         reserve_space: Any = None,
+        virtual_names: VirtualNames | None = None,
     ) -> None:
         self.backend = backend
         self.metadata = metadata
@@ -93,7 +104,7 @@ class FileSystem:
         self.staging = staging
         self.inodes = InodeTable(ROOT_INFO)
         self._attr_ttl = attr_ttl
-        self._handles: dict[int, FileHandle | DirHandle] = {}
+        self._handles: dict[int, FileHandle | DirHandle | ControlFileHandle | VirtualFileHandle] = {}
         self._next_handle = itertools.count(1)
         self._reserve_space = reserve_space or (lambda nbytes: None)
         self._staged_bytes = 0
@@ -102,6 +113,8 @@ class FileSystem:
         # MD5s, and the user.md5 xattr should not cost a download to answer.
         self.known_md5: cachetools.LRUCache[tuple[str, str], str] = cachetools.LRUCache(maxsize=100_000)
         self.mounted_at = time.time()
+        self.virtual = VirtualFiles(self, virtual_names or VirtualNames(), ttl=attr_ttl)
+        self.xattrs = Xattrs(self, ttl=attr_ttl)
 
     @property
     def read_only(self) -> bool:
@@ -124,6 +137,31 @@ class FileSystem:
         if len(name.encode("utf-8", "surrogateescape")) > 255:
             raise _err(errno.ENAMETOOLONG, name)
         return f"{parent.path}/{name}" if parent.path else name
+
+    def is_control(self, inode: Inode) -> bool:
+        return self.control is not None and is_control_path(inode.path)
+
+    def virtual_ref(self, inode: Inode) -> VirtualRef | None:
+        """What a virtual inode is (None for ordinary files and directories)."""
+        return self.virtual.parse(inode.path) if inode.virtual else None
+
+    def _modifiable_path(self, parent: Inode, name: str) -> str:
+        """``name`` in ``parent`` for a change: never inside or onto a virtual name."""
+        path = self.child_path(parent, name)
+        if parent.virtual or self.virtual.is_virtual_name(name):
+            raise _err(errno.EROFS, f"{path}: virtual files are read-only")
+        return path
+
+    def _remember_virtual(self, path: str, info: ObjectInfo) -> Inode:
+        inode = self.inodes.remember(path, info)
+        inode.virtual = True
+        return inode
+
+    def dir_entry_inode(self, handle: DirHandle, path: str, info: ObjectInfo) -> Inode:
+        """Register a readdir entry (with one kernel reference) as the kind of inode it is."""
+        if handle.inode.virtual:
+            return self._remember_virtual(path, info)
+        return self.inodes.remember(path, info)
 
     def _staged(self, path: str) -> StagedFile | None:
         return self.writeback.get(path) if self.writeback is not None else None
@@ -153,6 +191,10 @@ class FileSystem:
                 raise _err(errno.ENOENT, name)
             return self.inodes.remember(control_path(name), ObjectInfo(name, False, mtime=self.mounted_at))
         path = self.child_path(parent, name)
+        if parent.virtual or self.virtual.is_virtual_name(name):
+            ref = self.virtual.parse(path)
+            if ref is not None:
+                return self._remember_virtual(path, await self.virtual.stat(ref))
         return self.inodes.remember(path, await self.stat_path(path))
 
     def forget(self, ino: int, count: int) -> None:
@@ -163,6 +205,11 @@ class FileSystem:
         staged = self._staged(inode.path)
         if is_control_path(inode.path):
             pass
+        elif inode.virtual:
+            if time.monotonic() - inode.info_time >= self._attr_ttl:
+                ref = self.virtual.parse(inode.path)
+                if ref is not None:
+                    self.inodes.refresh(inode, await self.virtual.stat(ref))
         elif staged is not None:
             self.inodes.refresh(inode, staged.info())
         elif ino != ROOT_INODE and time.monotonic() - inode.info_time >= self._attr_ttl:
@@ -189,10 +236,14 @@ class FileSystem:
         inode = self.inode(ino)
         if not inode.info.is_dir:
             raise _err(errno.ENOTDIR, inode.path)
+        ref = self.virtual_ref(inode)
         if inode.path == CONTROL_DIR:
             entries = {name: ObjectInfo(name, False, mtime=self.mounted_at) for name in CONTROL_FILES}
+        elif ref is not None:
+            entries = await self.virtual.list_dir(ref)
         else:
-            entries = await self.list_dir(inode.path)
+            entries = dict(await self.list_dir(inode.path))
+            self.virtual.hide_shadowed(inode.path, entries)
             if inode.path == "" and self.control is not None:
                 entries.pop(CONTROL_DIR, None)
         handle = DirHandle(inode, sorted(entries.items()))
@@ -246,6 +297,22 @@ class FileSystem:
             self._handles[fh] = ControlFileHandle(inode, ControlHandle(name))
             return fh, False, True
         writing = bool(flags & _WRITE_FLAGS) or bool(flags & os.O_TRUNC)
+        if inode.virtual:
+            if writing:
+                raise _err(errno.EROFS, f"{inode.path}: virtual files are read-only")
+            ref = self.virtual.parse(inode.path)
+            if ref is None:
+                raise _err(errno.ENOENT, inode.path)
+            reader = await self.virtual.open(ref)
+            if reader.size != inode.info.size:
+                info = inode.info
+                self.inodes.refresh(inode, ObjectInfo(info.name, False, reader.size, info.mtime, info.etag,
+                                                      info.version_id, info.content_type))
+            self.inodes.opened(inode)
+            fh = next(self._next_handle)
+            self._handles[fh] = VirtualFileHandle(inode, reader)
+            # No page cache kept across opens: each open resolves the parts again.
+            return fh, False, False
         staged = self._staged(inode.path)
         if writing:
             writeback = self._require_writable(inode.path)
@@ -301,7 +368,7 @@ class FileSystem:
         """Create (or, without O_EXCL, truncate) a file and open it for writing."""
         parent = self.inode(parent_ino)
         writeback = self._require_writable(name)
-        path = self.child_path(parent, name)
+        path = self._modifiable_path(parent, name)
         staged = self._staged(path)
         if staged is not None:
             if flags & os.O_EXCL:
@@ -368,6 +435,8 @@ class FileSystem:
         if isinstance(control, ControlFileHandle):
             assert self.control is not None
             return await self.control.read(control.control, offset, size)
+        if isinstance(control, VirtualFileHandle):
+            return await control.reader.read(offset, size)
         handle = self.file_handle(fh)
         staged = handle.staged or self._staged(handle.inode.path)
         if staged is not None:
@@ -434,6 +503,8 @@ class FileSystem:
 
     async def fsync(self, fh: int) -> None:
         """fsync(2): return only once the backend has the file."""
+        if isinstance(self._handles.get(fh), (ControlFileHandle, VirtualFileHandle)):
+            return
         handle = self.file_handle(fh)
         staged = handle.staged or self._staged(handle.inode.path)
         if staged is None or self.writeback is None:
@@ -445,7 +516,7 @@ class FileSystem:
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
-        if isinstance(handle, ControlFileHandle):
+        if isinstance(handle, (ControlFileHandle, VirtualFileHandle)):
             self.inodes.closed(handle.inode)
             return
         if not isinstance(handle, FileHandle):
@@ -478,6 +549,9 @@ class FileSystem:
         self._account(-staged.size)
         if staged.md5 and info.etag:
             self.known_md5[(staged.path, info.etag)] = staged.md5
+        # The object carries the file's time as metadata; the listing will not.
+        info = dataclasses.replace(info, mtime=staged.mtime)
+        self.metadata.mtimes.set(staged.path, info.etag, staged.mtime)
         self.metadata.forget_path(staged.path)
         self.metadata.remember(staged.path, info)
         inode = self.inodes.by_path(staged.path)
@@ -491,6 +565,8 @@ class FileSystem:
         fh: int | None = None,
     ) -> Inode:
         inode = self.inode(ino)
+        if inode.virtual:
+            raise _err(errno.EROFS, f"{inode.path}: virtual files are read-only")
         staged = self._staged(inode.path)
         if size is not None:
             writeback = self._require_writable(inode.path)
@@ -513,9 +589,11 @@ class FileSystem:
         elif mtime is not None and not inode.info.is_dir:
             # A remote object nobody is writing: keep the time for this mount's view only
             # (rewriting an object's metadata is a full server-side copy). See docs/semantics.md.
-            info = inode.info
-            self.inodes.refresh(inode, ObjectInfo(info.name, info.is_dir, info.size, mtime, info.etag,
-                                                  info.version_id, info.content_type))
+            info = dataclasses.replace(inode.info, mtime=mtime)
+            self.metadata.mtimes.set(inode.path, info.etag, mtime)
+            self.metadata.forget_path(inode.path)
+            self.metadata.remember(inode.path, info)
+            self.inodes.refresh(inode, info)
         return inode
 
     # -- namespace changes ------------------------------------------------------------------------
@@ -523,7 +601,7 @@ class FileSystem:
     async def mkdir(self, parent_ino: int, name: str) -> Inode:
         parent = self.inode(parent_ino)
         self._require_writable(name)
-        path = self.child_path(parent, name)
+        path = self._modifiable_path(parent, name)
         if await self._exists(path):
             raise _err(errno.EEXIST, path)
         await self.backend.make_dir(path)  # type: ignore[attr-defined]
@@ -542,7 +620,7 @@ class FileSystem:
     async def unlink(self, parent_ino: int, name: str) -> None:
         parent = self.inode(parent_ino)
         self._require_writable(name)
-        path = self.child_path(parent, name)
+        path = self._modifiable_path(parent, name)
         staged = self._staged(path)
         if staged is None:
             info = await self.metadata.stat(path)
@@ -556,6 +634,7 @@ class FileSystem:
             self._account(-staged.size)
         if remote_may_exist:
             await self.backend.delete(path)  # type: ignore[attr-defined]
+            self.metadata.mtimes.drop(path)
         self.metadata.forget_path(path)
         self.metadata.remember_missing(path)
         self.inodes.detach_path(path)
@@ -577,7 +656,7 @@ class FileSystem:
     async def rmdir(self, parent_ino: int, name: str) -> None:
         parent = self.inode(parent_ino)
         self._require_writable(name)
-        path = self.child_path(parent, name)
+        path = self._modifiable_path(parent, name)
         info = await self.stat_path(path)
         if not info.is_dir:
             raise _err(errno.ENOTDIR, path)
@@ -591,8 +670,8 @@ class FileSystem:
 
     async def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str, flags: int) -> None:
         self._require_writable(old_name)
-        old = self.child_path(self.inode(old_parent), old_name)
-        new = self.child_path(self.inode(new_parent), new_name)
+        old = self._modifiable_path(self.inode(old_parent), old_name)
+        new = self._modifiable_path(self.inode(new_parent), new_name)
         if flags & 2:  # RENAME_EXCHANGE: an object store cannot swap two keys atomically
             raise _err(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         source = await self.stat_path(old)
@@ -638,7 +717,11 @@ class FileSystem:
         if staged is None:
             # Server-side copy, then delete: no byte passes through this host.
             await self.backend.copy(old, new, source)  # type: ignore[attr-defined]
+            copied = await self.backend.head(new)  # type: ignore[attr-defined]
+            if copied is not None and source.mtime:
+                self.metadata.mtimes.set(new, copied.etag, source.mtime)
             await self.backend.delete(old)  # type: ignore[attr-defined]
+            self.metadata.mtimes.drop(old)
             return
         await self._move_staged(staged, new, target)
 
@@ -700,6 +783,22 @@ class FileSystem:
             if any(p == "" or staged.path == p or staged.path.startswith(p + "/") for p in paths)
         ]
         return await self.writeback.flush(chosen)
+
+    async def set_content_type(self, inode: Inode, content_type: str) -> None:
+        """user.mimetype: pending files take it at upload, remote objects get it in place."""
+        staged = self._staged(inode.path)
+        if staged is not None:
+            staged.content_type = content_type
+            await trio.to_thread.run_sync(self._staging().persist, staged)
+            if staged.uploaded_generation < staged.generation:
+                return  # the upload still to come carries it
+        setter = getattr(self.backend, "set_content_type", None)
+        if setter is None:
+            raise _err(errno.ENOTSUP, f"{inode.path}: this backend cannot change an object's Content-Type")
+        info = await setter(inode.path, content_type)
+        self.metadata.forget_path(inode.path)
+        self.metadata.remember(inode.path, info)
+        self.inodes.refresh(inode, info)
 
     def open_handle_count(self) -> int:
         return sum(isinstance(h, FileHandle) for h in self._handles.values())

@@ -34,6 +34,8 @@ class Inode:
     # How many read handles are open per object identity: two versions open at
     # once must not share the kernel page cache.
     open_identities: dict[str, int] = field(default_factory=dict)
+    # A hidden virtual file or directory (.concat, .diff, .versions): read-only, computed.
+    virtual: bool = False
 
 
 def path_inode_number(path: str, attempt: int = 0) -> int:

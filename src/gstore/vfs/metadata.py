@@ -26,6 +26,7 @@ import trio
 
 from gstore.backends.base import Backend, Listing, ObjectInfo
 from gstore.vfs.inodes import parent_path
+from gstore.vfs.mtimes import MtimeStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,8 +78,11 @@ class MetadataCache:
         dir_ttl: float,
         negative_ttl: float,
         max_entries: int,
+        mtimes: MtimeStore | None = None,
     ) -> None:
         self._backend = backend
+        # Times this host set (cp -p, touch): listings only carry the upload time.
+        self.mtimes = mtimes or MtimeStore(None)
         self._listings: cachetools.TTLCache[str, Listing] = cachetools.TTLCache(
             maxsize=max(1, max_entries), ttl=max(dir_ttl, 0.001), getsizeof=lambda l: max(1, len(l.entries))
         )
@@ -130,7 +134,7 @@ class MetadataCache:
     async def _fetch_stat(self, path: str) -> ObjectInfo:
         self.stats["stats"] += 1
         try:
-            info = await self._backend.stat(path)
+            info = self.mtimes.apply(path, await self._backend.stat(path))
         except FileNotFoundError:
             if self._enabled["neg"]:
                 self._negatives[path] = True
@@ -149,6 +153,7 @@ class MetadataCache:
     async def _fetch_listing(self, path: str) -> Listing:
         self.stats["listings"] += 1
         listing = await self._backend.list_dir(path)
+        self.mtimes.apply_folder(path, listing.entries)
         for raw, reason in listing.skipped:
             if raw not in self._reported:
                 self._reported[raw] = True

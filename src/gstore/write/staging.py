@@ -70,6 +70,9 @@ class StagedFile:
     present: Extents = field(default_factory=Extents)
     mtime: float = field(default_factory=time.time)
     mode: int = 0o644
+    # Content-Type to upload with: set by the user (user.mimetype) or kept from the
+    # base version when it was specific; None: guessed from the name at upload.
+    content_type: str | None = None
     generation: int = 0
     created: float = field(default_factory=time.time)
     # Memory-only state.
@@ -94,6 +97,7 @@ class StagedFile:
             "base": _info_to_json(self.base), "base_path": self.base_path, "expect": self.expect,
             "dirty": self.dirty.to_list(), "present": self.present.to_list(),
             "mtime": self.mtime, "mode": self.mode, "created": self.created,
+            "content_type": self.content_type,
         }
 
 
@@ -123,6 +127,9 @@ class StagingArea:
             staged.present.add(0, size)
         if base is not None:
             staged.mtime = base.mtime or staged.mtime
+            if base.content_type and base.content_type.split(";")[0].strip().lower() not in (
+                    "application/octet-stream", "binary/octet-stream", ""):
+                staged.content_type = base.content_type
         self.persist(staged, sync_data=False)
         return staged
 
@@ -176,6 +183,7 @@ class StagingArea:
                     present=Extents(tuple(r) for r in data.get("present", [])),
                     mtime=float(data.get("mtime", time.time())), mode=int(data.get("mode", 0o644)),
                     created=float(data.get("created", time.time())),
+                    content_type=data.get("content_type"),
                 )
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("staging record %s is unreadable (%s); left in place for inspection", entry, exc)

@@ -104,6 +104,18 @@ class WriteBack:
         self._part_limiter = trio.CapacityLimiter(max(1, part_concurrency))
         self._nursery: trio.Nursery | None = None
         self.stats = WriteBackStats()
+        self._theirs: dict[str, ObjectInfo] = {}  # staged id -> the other writer's object (keep-both)
+        add_listener = getattr(backend, "add_listener", None)  # ResilientBackend: circuit state changes
+        if callable(add_listener):
+            add_listener(self._backend_state)
+
+    def _backend_state(self, state: str) -> None:
+        """The backend is reachable again: uploads waiting for a retry go now, not after their backoff."""
+        if state != "closed":
+            return
+        for staged in list(self.staged.values()):
+            if staged.attempts > 0 and staged.id in self._due:
+                self.schedule(staged, 0)
 
     # -- bookkeeping -----------------------------------------------------------------
 
@@ -223,7 +235,7 @@ class WriteBack:
     async def _upload(self, staged: StagedFile, generation: int) -> None:
         path = staged.path
         target, if_match, if_none_match = await self._resolve_conflict(staged)
-        content_type = content_type_for(target)
+        content_type = staged.content_type or content_type_for(target)
         metadata = {"mtime": f"{staged.mtime:.6f}", "mode": str(0o100000 | (staged.mode & 0o7777))}
         size = staged.size
         copy_parts, local_parts = self._plan(staged, size)
@@ -264,7 +276,9 @@ class WriteBack:
             if target == path:
                 self._on_uploaded(staged, info)
             else:
-                self._on_uploaded(staged, ObjectInfo(name=target.rsplit("/", 1)[-1], is_dir=False))
+                # The path now shows the other writer's object (not a blank entry of size 0).
+                theirs = self._theirs.pop(staged.id, None)
+                self._on_uploaded(staged, theirs or ObjectInfo(name=target.rsplit("/", 1)[-1], is_dir=False))
             del self.staged[path]
             self.staging.remove(staged)
         elif staged.generation == generation and target == path:
@@ -284,6 +298,14 @@ class WriteBack:
         unchanged = (current is None) if expect == EXPECT_ABSENT else (current is not None and current.etag == expected_etag)
         if unchanged:
             return staged.path, expected_etag, expect == EXPECT_ABSENT
+        if current is not None and await self._is_our_own(staged, current):
+            # An earlier attempt landed but its answer was lost (reset, timeout, kill -9
+            # before the journal was cleared): the object *is* ours, not a conflict.
+            log.info("%s: the backend already has exactly these bytes (an earlier upload whose answer "
+                     "was lost); not a conflict", staged.path)
+            return staged.path, current.etag, False
+        if current is not None:
+            self._theirs[staged.id] = current
         if self.policy is ConflictPolicy.OVERWRITE:
             log.warning("conflict on %s: the backend copy changed since it was read here; overwriting it "
                         "(policy overwrite)", staged.path)
@@ -291,6 +313,16 @@ class WriteBack:
         if self.policy is ConflictPolicy.FAIL:
             raise ConflictError(f"{staged.path} changed on the backend since it was read here")
         return conflict_name(staged.path), None, True
+
+    async def _is_our_own(self, staged: StagedFile, current: ObjectInfo) -> bool:
+        """Whether the remote object has exactly the staged bytes (by its single-part ETag = MD5)."""
+        etag = current.etag or ""
+        if current.size != staged.size or len(etag) != 32 or "-" in etag or staged.size > SINGLE_PUT_LIMIT:
+            return False
+        if not staged.complete:
+            return False  # parts of it were never fetched: it cannot be compared here
+        data = await trio.to_thread.run_sync(self.staging.read_local, staged, 0, staged.size)
+        return hashlib.md5(data).hexdigest() == etag.lower()
 
     def _plan(self, staged: StagedFile, size: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Split the file into parts copied server-side from the base, and parts sent from here."""

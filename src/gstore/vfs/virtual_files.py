@@ -1,0 +1,288 @@
+"""The hidden virtual files of every directory, wired to the mount's data.
+
+:mod:`gstore.virtual` parses names and computes layouts and diffs without any
+I/O; this module gives them data: sizes come from the metadata cache and the
+staging overlay (so pending writes count), bytes come through the block cache
+(so a ``.concat`` read fetches only the blocks it touches, and twice nothing),
+and versions come from the backend's version listing.
+
+Everything is resolved again after the attribute TTL (a lookup or getattr
+recomputes the layout from fresh part sizes), and pinned while open: an open
+``.concat`` keeps reading the part versions it opened, like an open file.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import cachetools
+import trio
+
+from gstore.backends.base import ObjectInfo
+from gstore.cache.reader import ReadStream
+from gstore.vfs.inodes import parent_path
+from gstore.virtual import (
+    DIFF_SIZE_LIMIT,
+    ConcatLayout,
+    ConcatManifestRef,
+    ConcatRef,
+    DiffRef,
+    VersionRef,
+    VersionsDirRef,
+    VersionTable,
+    VirtualDirRef,
+    VirtualNames,
+    VirtualRef,
+    check_diff_sizes,
+    parse_virtual_path,
+    read_concat,
+    resolve_manifest,
+    unified_diff_bytes,
+)
+from gstore.virtual.names import MANIFEST_MAX_BYTES
+from gstore.write.staging import StagedFile
+
+if TYPE_CHECKING:
+    from gstore.vfs.filesystem import FileSystem
+
+log = logging.getLogger(__name__)
+
+#: Parts in one folder from which listing the folder beats a HEAD per part.
+LIST_PARTS_THRESHOLD = 4
+#: Diff outputs kept in memory, in bytes (a diff is computed once per pair of versions).
+DIFF_CACHE_BYTES = 64 * 1024 * 1024
+
+
+def _err(code: int, what: str) -> OSError:
+    return OSError(code, os.strerror(code), what)
+
+
+@dataclass(slots=True)
+class Source:
+    """One file a virtual file is made of, pinned to the version seen at resolution."""
+
+    path: str  # as named (may be a version path), for messages
+    read_path: str  # the mount path whose object holds the bytes
+    info: ObjectInfo
+    staged: StagedFile | None = None
+    stream: ReadStream | None = field(default=None, repr=False)
+
+    @property
+    def cache_identity(self) -> str | None:
+        """Names these bytes for caches, or None when they may still change (pending writes)."""
+        return None if self.staged is not None else f"{self.read_path}\0{self.info.identity}"
+
+
+class VirtualReader:
+    """An open virtual file: reads at any offset, from pinned sources."""
+
+    def __init__(self, size: int, read: Callable[[int, int], Awaitable[bytes]]) -> None:
+        self.size = size
+        self._read = read
+
+    async def read(self, offset: int, size: int) -> bytes:
+        if offset >= self.size or size <= 0:
+            return b""
+        return await self._read(offset, min(size, self.size - offset))
+
+
+class VirtualFiles:
+    """``D/.concat/...``, ``D/.diff/...`` and ``D/.versions/...`` of one mount."""
+
+    def __init__(self, fs: FileSystem, names: VirtualNames, *, ttl: float,
+                 diff_limit: int = DIFF_SIZE_LIMIT) -> None:
+        self._fs = fs
+        self.names = names
+        self._diff_limit = diff_limit
+        self._versions: cachetools.TTLCache[str, VersionTable] = cachetools.TTLCache(
+            maxsize=4096, ttl=max(ttl, 0.001))
+        self._diffs: cachetools.LRUCache[tuple[str, str, str, str], bytes] = cachetools.LRUCache(
+            maxsize=DIFF_CACHE_BYTES, getsizeof=lambda data: max(1, len(data)))
+        self._shadow_logged: set[str] = set()
+
+    # -- names ---------------------------------------------------------------------------
+
+    def is_virtual_name(self, name: str) -> bool:
+        return self.names.role_of(name) is not None
+
+    def parse(self, path: str) -> VirtualRef | None:
+        """The virtual reference ``path`` names, or None for an ordinary path."""
+        return parse_virtual_path(path, self.names)
+
+    def hide_shadowed(self, directory: str, entries: dict[str, ObjectInfo]) -> None:
+        """Real objects named like an enabled virtual directory are hidden: the virtual one wins."""
+        for name in self.names.enabled().values():
+            if name in entries:
+                del entries[name]
+                where = f"{directory}/{name}" if directory else name
+                if where not in self._shadow_logged and len(self._shadow_logged) < 1000:
+                    self._shadow_logged.add(where)
+                    log.warning("%s exists on the backend but is hidden by gstore's virtual %s directory; "
+                                "mount with -o %s_dir=off (or another name) to see it", where, name,
+                                self.names.role_of(name))
+
+    # -- attributes ----------------------------------------------------------------------
+
+    async def stat(self, ref: VirtualRef) -> ObjectInfo:
+        name = ref.path.rsplit("/", 1)[-1]
+        if isinstance(ref, VirtualDirRef):
+            return ObjectInfo(name=name, is_dir=True, mtime=self._fs.mounted_at)
+        if isinstance(ref, VersionsDirRef):
+            table = await self.versions(ref.target)
+            newest = table.newest
+            if newest is None:
+                raise _err(errno.ENOENT, f"{ref.path}: no versions of {ref.target}")
+            return ObjectInfo(name=name, is_dir=True, mtime=_epoch(newest.version.last_modified))
+        if isinstance(ref, VersionRef):
+            info = (await self.source(ref.path)).info
+            return ObjectInfo(name, False, *_file_fields(info))
+        reader, mtime = await self._open_file(ref)
+        return ObjectInfo(name=name, is_dir=False, size=reader.size, mtime=mtime)
+
+    async def list_dir(self, ref: VirtualRef) -> dict[str, ObjectInfo]:
+        """Children of a virtual directory: versions are listed, concatenations and diffs never."""
+        if isinstance(ref, VersionsDirRef):
+            table = await self.versions(ref.target)
+            return {entry.name: _version_info(entry.name, entry.version) for entry in table.entries}
+        if isinstance(ref, VirtualDirRef):
+            return {}
+        raise _err(errno.ENOTDIR, ref.path)
+
+    # -- sources -------------------------------------------------------------------------
+
+    async def versions(self, target: str) -> VersionTable:
+        table = self._versions.get(target)
+        if table is not None:
+            return table
+        lister = getattr(self._fs.backend, "list_versions", None)
+        found = await lister(target) if lister is not None else None
+        table = VersionTable(found or ())
+        self._versions[target] = table
+        return table
+
+    async def source(self, path: str) -> Source:
+        """The file (or version) ``path`` names, with the version it is now."""
+        ref = self.parse(path)
+        if ref is None:
+            staged = self._fs._staged(path)  # noqa: SLF001 - same layer
+            if staged is not None:
+                return Source(path, path, staged.info(), staged)
+            info = await self._fs.metadata.stat(path)
+            if info.is_dir:
+                raise _err(errno.EISDIR, path)
+            return Source(path, path, info)
+        if isinstance(ref, VersionRef):
+            entry = (await self.versions(ref.target)).resolve(ref.version)
+            return Source(path, ref.target, _version_info(entry.name, entry.version))
+        raise _err(errno.EINVAL, f"{path}: only files and versions can be parts of a virtual file")
+
+    async def _sources(self, paths: list[str] | tuple[str, ...]) -> list[Source]:
+        """Sources of many parts: a folder holding many of them is listed once
+        (one LIST per 1,000 names) rather than asked one HEAD per part."""
+        per_folder = Counter(parent_path(p) for p in paths if self.parse(p) is None)
+        for folder, count in per_folder.items():
+            if count >= LIST_PARTS_THRESHOLD:
+                await self._fs.metadata.list_dir(folder)
+        return [await self.source(p) for p in paths]
+
+    async def read_source(self, source: Source, offset: int, size: int) -> bytes:
+        if source.staged is not None:
+            return await self._fs.read_staged(source.staged, offset, size)
+        if source.stream is None:
+            source.stream = self._fs.reader.open_stream(source.read_path, source.info)
+        return await self._fs.reader.read(source.stream, offset, size)
+
+    async def read_whole(self, source: Source, limit: int) -> bytes:
+        if source.info.size > limit:
+            raise _err(errno.EFBIG, f"{source.path} is larger than {limit} bytes")
+        data = await self.read_source(source, 0, source.info.size)
+        if len(data) != source.info.size:
+            raise _err(errno.ESTALE, f"{source.path} changed while it was read")
+        return data
+
+    # -- files ---------------------------------------------------------------------------
+
+    async def open(self, ref: VirtualRef) -> VirtualReader:
+        if isinstance(ref, (VirtualDirRef, VersionsDirRef)):
+            raise _err(errno.EISDIR, ref.path)
+        reader, _ = await self._open_file(ref)
+        return reader
+
+    async def _open_file(self, ref: VirtualRef) -> tuple[VirtualReader, float]:
+        if isinstance(ref, VersionRef):
+            source = await self.source(ref.path)
+            return VirtualReader(source.info.size, lambda o, n: self.read_source(source, o, n)), source.info.mtime
+        if isinstance(ref, ConcatRef):
+            return await self._concat(await self._sources(ref.parts))
+        if isinstance(ref, ConcatManifestRef):
+            manifest = await self.source(ref.manifest)
+            text = await self.read_whole(manifest, MANIFEST_MAX_BYTES)
+            paths = resolve_manifest(ref.base_dir, text, self.names)
+            return await self._concat(await self._sources(paths))
+        if isinstance(ref, DiffRef):
+            return await self._diff(ref)
+        raise _err(errno.EISDIR, ref.path)
+
+    async def _concat(self, sources: list[Source]) -> tuple[VirtualReader, float]:
+        layout = ConcatLayout([(s.path, s.info.size) for s in sources])
+
+        async def read_part(index: int, offset: int, length: int) -> bytes:
+            return await self.read_source(sources[index], offset, length)
+
+        async def read(offset: int, size: int) -> bytes:
+            return await read_concat(layout, offset, size, read_part)
+
+        mtime = max((s.info.mtime for s in sources), default=self._fs.mounted_at)
+        return VirtualReader(layout.total_size, read), mtime
+
+    async def _diff(self, ref: DiffRef) -> tuple[VirtualReader, float]:
+        a, b = await self.source(ref.a), await self.source(ref.b)
+        check_diff_sizes(a.info.size, b.info.size, limit=self._diff_limit)
+        key = None
+        if a.cache_identity is not None and b.cache_identity is not None:
+            key = (ref.a_label, ref.b_label, a.cache_identity, b.cache_identity)
+        output = self._diffs.get(key) if key is not None else None
+        if output is None:
+            data_a = await self.read_whole(a, self._diff_limit)
+            data_b = await self.read_whole(b, self._diff_limit)
+            try:
+                output = await trio.to_thread.run_sync(lambda: unified_diff_bytes(
+                    data_a, data_b, ref.a_label, ref.b_label, limit=self._diff_limit,
+                    a_mtime=_when(a.info.mtime), b_mtime=_when(b.info.mtime)))
+            except OSError as exc:
+                log.warning("%s: %s", ref.path, exc.strerror or exc)
+                raise
+            if key is not None:
+                self._diffs[key] = output
+        result = output
+
+        async def read(offset: int, size: int) -> bytes:
+            return result[offset:offset + size]
+
+        return VirtualReader(len(result), read), max(a.info.mtime, b.info.mtime)
+
+
+def _file_fields(info: ObjectInfo) -> tuple[Any, ...]:
+    return info.size, info.mtime, info.etag, info.version_id, info.content_type
+
+
+def _epoch(when: datetime) -> float:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def _when(mtime: float) -> datetime:
+    return datetime.fromtimestamp(mtime or 0, tz=timezone.utc)
+
+
+def _version_info(name: str, version: Any) -> ObjectInfo:
+    return ObjectInfo(name=name, is_dir=False, size=version.size, mtime=_epoch(version.last_modified),
+                      etag=version.etag, version_id=version.vid)

@@ -1,0 +1,242 @@
+"""Extended attributes: ``user.md5``, ``user.mimetype``, ``user.etag``, ``user.version_id``.
+
+They give shell tools (``getfattr``, ``os.getxattr``) what a storage library
+gives Python code, at the lowest price the backend allows:
+
+* ``user.md5`` is free when the ETag is an MD5 (a single-part upload) or this
+  mount uploaded the object; otherwise the object is streamed through the
+  block cache once and the digest remembered for that version, so the second
+  ask costs nothing. A pending file answers the MD5 of its local bytes.
+* ``user.mimetype`` is the object's Content-Type when it says something
+  (a HEAD, remembered for the attribute TTL), else a guess from the name.
+* Setting ``user.mimetype`` rewrites the object's Content-Type in place
+  (a server-side copy onto itself); pending files take it at upload.
+
+Only ``user.*`` names ever reach the backend: ``ls -l`` asks every file for
+``security.selinux`` and ``system.posix_acl_access``, and those must stay free.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+from typing import TYPE_CHECKING
+
+import cachetools
+import trio
+
+from gstore.backends.base import ObjectInfo
+from gstore.virtual import ConcatManifestRef, ConcatRef, DiffRef, VersionRef, guess_mimetype, md5_from_etag
+from gstore.virtual import resolve_manifest
+from gstore.virtual.names import MANIFEST_MAX_BYTES
+from gstore.vfs.inodes import Inode
+
+if TYPE_CHECKING:
+    from gstore.vfs.filesystem import FileSystem
+
+log = logging.getLogger(__name__)
+
+MD5 = "user.md5"
+MIMETYPE = "user.mimetype"
+ETAG = "user.etag"
+VERSION_ID = "user.version_id"
+KNOWN = (MD5, MIMETYPE, ETAG, VERSION_ID)
+
+_HASH_CHUNK = 8 * 1024 * 1024
+_MIMETYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*(\s*;[ -~]*)?")
+
+
+def _err(code: int, what: str) -> OSError:
+    return OSError(code, os.strerror(code), what)
+
+
+class Xattrs:
+    """Attribute requests of one mount, answered from metadata, the cache or a stream."""
+
+    def __init__(self, fs: FileSystem, *, ttl: float) -> None:
+        self._fs = fs
+        self._details: cachetools.TTLCache[tuple[str, str], ObjectInfo] = cachetools.TTLCache(
+            maxsize=10_000, ttl=max(ttl, 0.001))
+        self._hashing: dict[tuple[str, str], trio.Event] = {}
+        self.md5_computed = 0  # objects hashed by streaming (for status and tests)
+
+    # -- the four requests ---------------------------------------------------------------
+
+    async def names(self, inode: Inode) -> list[str]:
+        if inode.info.is_dir or self._fs.is_control(inode):
+            return []
+        names = [MD5, MIMETYPE]
+        info = await self._current(inode)
+        if info is None:  # pending or virtual
+            return names
+        if info.etag:
+            names.append(ETAG)
+        if (info.version_id and info.version_id != "null") or VERSION_ID in await self._remote_extra(inode, info):
+            names.append(VERSION_ID)
+        return names
+
+    async def get(self, inode: Inode, name: str) -> bytes:
+        if not name.startswith("user.") or name not in KNOWN or inode.info.is_dir or self._fs.is_control(inode):
+            raise _err(errno.ENODATA, name)
+        if name == MD5:
+            return (await self.md5(inode)).encode()
+        if name == MIMETYPE:
+            return (await self.mimetype(inode)).encode()
+        info = await self._current(inode)
+        if info is None:
+            raise _err(errno.ENODATA, name)
+        if name == ETAG:
+            if not info.etag:
+                raise _err(errno.ENODATA, name)
+            return info.etag.encode()
+        version_id = info.version_id
+        if not version_id and self._fs.virtual_ref(inode) is None:
+            version_id = (await self._head(inode.path, info)).version_id
+        if not version_id or version_id == "null":
+            raise _err(errno.ENODATA, name)
+        return version_id.encode()
+
+    async def set(self, inode: Inode, name: str, value: bytes) -> None:
+        if name != MIMETYPE:
+            # Only the MIME type maps onto something the object keeps; everything
+            # else is refused the way a filesystem without xattr support refuses
+            # it, which cp -a and similar tools ignore silently.
+            raise _err(errno.ENOTSUP, f"{name}: gstore only stores {MIMETYPE}")
+        if inode.info.is_dir or self._fs.is_control(inode):
+            raise _err(errno.ENOTSUP, inode.path)
+        if self._fs.virtual_ref(inode) is not None or self._fs.read_only:
+            raise _err(errno.EROFS, inode.path)
+        try:
+            content_type = value.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise _err(errno.EINVAL, f"{MIMETYPE} must be ASCII, like text/plain") from None
+        if len(content_type) > 255 or not _MIMETYPE_RE.fullmatch(content_type):
+            raise _err(errno.EINVAL, f"{MIMETYPE}: {content_type!r} is not a MIME type like text/plain")
+        await self._fs.set_content_type(inode, content_type)
+        self.forget(inode.path)
+
+    async def remove(self, inode: Inode, name: str) -> None:
+        if name in KNOWN and not inode.info.is_dir:
+            raise _err(errno.ENOTSUP, f"{name} is computed by gstore and cannot be removed")
+        raise _err(errno.ENODATA, name)
+
+    def forget(self, path: str) -> None:
+        for key in [k for k in self._details if k[0] == path]:
+            self._details.pop(key, None)
+
+    # -- values ----------------------------------------------------------------------------
+
+    async def md5(self, inode: Inode) -> str:
+        fs = self._fs
+        ref = fs.virtual_ref(inode)
+        if ref is not None:
+            if isinstance(ref, VersionRef):
+                source = await fs.virtual.source(ref.path)
+                return await self._remote_md5(source.read_path, source.info)
+            reader = await fs.virtual.open(ref)
+            return await self._hash(reader.read, reader.size)
+        staged = fs._staged(inode.path)  # noqa: SLF001 - same layer
+        if staged is not None:
+            if staged.md5 and staged.uploaded_generation >= staged.generation:
+                return staged.md5
+            return await self._hash(lambda o, n: fs.read_staged(staged, o, n), staged.size)
+        info = await fs.metadata.stat(inode.path)
+        return await self._remote_md5(inode.path, info)
+
+    async def _remote_md5(self, path: str, info: ObjectInfo) -> str:
+        from_etag = md5_from_etag(info.etag)
+        if from_etag is not None:
+            return from_etag
+        key = (path, info.etag or info.identity)
+        while True:
+            known = self._fs.known_md5.get(key)
+            if known is not None:
+                return known
+            running = self._hashing.get(key)
+            if running is None:
+                break
+            await running.wait()  # someone is hashing this version: share the result
+        done = self._hashing[key] = trio.Event()
+        try:
+            stream = self._fs.reader.open_stream(path, info)
+            digest = await self._hash(lambda o, n: self._fs.reader.read(stream, o, n), info.size)
+            self._fs.known_md5[key] = digest
+            self.md5_computed += 1
+            log.info("md5 of %s computed by reading %d bytes (ETag %s is not an MD5)", path, info.size, info.etag)
+            return digest
+        finally:
+            del self._hashing[key]
+            done.set()
+
+    @staticmethod
+    async def _hash(read, size: int) -> str:  # type: ignore[no-untyped-def]
+        digest = hashlib.md5()
+        offset = 0
+        while offset < size:
+            chunk = await read(offset, min(_HASH_CHUNK, size - offset))
+            if not chunk:
+                raise _err(errno.EIO, f"short read at {offset} of {size} bytes while hashing")
+            await trio.to_thread.run_sync(digest.update, chunk)
+            offset += len(chunk)
+        return digest.hexdigest()
+
+    async def mimetype(self, inode: Inode) -> str:
+        fs = self._fs
+        ref = fs.virtual_ref(inode)
+        name = inode.path.rsplit("/", 1)[-1]
+        if ref is not None:
+            if isinstance(ref, DiffRef):
+                return "text/x-diff"
+            if isinstance(ref, VersionRef):
+                return guess_mimetype(ref.target, None)
+            if isinstance(ref, ConcatRef):
+                return guess_mimetype(ref.parts[0], None)
+            if isinstance(ref, ConcatManifestRef):
+                manifest = await fs.virtual.source(ref.manifest)
+                text = await fs.virtual.read_whole(manifest, MANIFEST_MAX_BYTES)
+                parts = resolve_manifest(ref.base_dir, text, fs.virtual.names)
+                return guess_mimetype(parts[0], None) if parts else "application/octet-stream"
+            return guess_mimetype(name, None)
+        staged = fs._staged(inode.path)  # noqa: SLF001 - same layer
+        if staged is not None:
+            return guess_mimetype(name, staged.content_type)
+        info = await fs.metadata.stat(inode.path)
+        if info.content_type is None:
+            info = await self._head(inode.path, info)
+        return guess_mimetype(name, info.content_type)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def _current(self, inode: Inode) -> ObjectInfo | None:
+        """The remote object's metadata, or None for pending and computed files."""
+        fs = self._fs
+        ref = fs.virtual_ref(inode)
+        if ref is not None:
+            if isinstance(ref, VersionRef):
+                return (await fs.virtual.source(ref.path)).info
+            return None
+        if fs._staged(inode.path) is not None:  # noqa: SLF001 - same layer
+            return None
+        return await fs.metadata.stat(inode.path)
+
+    async def _remote_extra(self, inode: Inode, info: ObjectInfo) -> set[str]:
+        if self._fs.virtual_ref(inode) is not None or not hasattr(self._fs.backend, "list_versions"):
+            return set()
+        head = await self._head(inode.path, info)
+        return {VERSION_ID} if head.version_id and head.version_id != "null" else set()
+
+    async def _head(self, path: str, info: ObjectInfo) -> ObjectInfo:
+        """The object's full metadata (Content-Type, VersionId), remembered per version."""
+        key = (path, info.identity)
+        known = self._details.get(key)
+        if known is not None:
+            return known
+        head = getattr(self._fs.backend, "head", None)
+        found = await head(path) if head is not None else None
+        if found is None:
+            raise _err(errno.ENOENT, path)
+        self._details[key] = found
+        return found
