@@ -25,6 +25,9 @@ def describe(results: dict[str, Any]) -> dict[str, tuple[str, str]]:
            "sequence on every tool, fresh mount with empty caches. Latency is fio's completion "
            "latency per read.")
     return {
+        "idle": ("Idle daemon",
+                 "Mount, wait 1 s, then measure the daemon's CPU use over 3 s with nothing "
+                 "touching the mount (a check that a daemon costs nothing when unused)."),
         "seq_read": ("Sequential read",
                      f"`dd bs=1M` of a {_sz(c['big_size'])} object to /dev/null. cold: fresh mount, "
                      "emptied cache dir, kernel caches dropped; warm: again on the same mount; "
@@ -34,12 +37,16 @@ def describe(results: dict[str, Any]) -> dict[str, tuple[str, str]]:
         "rand_64k": ("Random 64 KiB reads", fio),
         "seq_write": ("Sequential write",
                       f"write a new {_sz(c['write_size'])} file in 1 MiB writes, close. close s: from "
-                      "open to close returning; durable s: from open until a HEAD on the endpoint "
-                      "shows the full object (polled every 50 ms). Lower is better."),
+                      "open to close returning; durable s: from open until the object is in the "
+                      "bucket: for gstore until `gstore flush MNT` returns (it returns once every "
+                      "pending upload is confirmed; a HEAD then checks), for rclone and s3fs until "
+                      "a HEAD on the endpoint shows the full object (polled every 50 ms; rclone "
+                      "uploads after its 5 s --vfs-write-back delay, s3fs at close). Lower is better."),
         "small_files": ("Small files",
                         f"mkdir, then create {c['small_count']} files of {_sz(c['small_size'])} "
                         "(open, write, close each). close s: until the last close returns; "
-                        "durable s: until a listing shows all of them (polled every 250 ms)."),
+                        "durable s: for gstore until `gstore flush MNT` returns, for rclone and "
+                        "s3fs until a listing shows all of them (polled every 250 ms)."),
         "ls": ("Directory listing",
                f"`ls -l` of a prefix holding {c['listing_count']:,} objects: cold (fresh mount, "
                "kernel caches dropped), then warm (same mount, right after). Seconds."),
@@ -86,6 +93,85 @@ def _mib(n: int | None) -> str:
     return "0" if n == 0 else (f"{n / MiB:.1f}" if n >= MiB / 10 else f"{n / MiB:.3f}")
 
 
+# (label, workload, metric, True if higher is better)
+SUMMARY = [
+    ("idle daemon CPU %", "idle", "idle CPU %", False),
+    ("seq read cold MiB/s", "seq_read", "cold MiB/s", True),
+    ("seq read warm MiB/s", "seq_read", "warm MiB/s", True),
+    ("seq read after remount MiB/s", "seq_read", "remount MiB/s", True),
+    ("rand 4 KiB IOPS", "rand_4k", "IOPS", True),
+    ("rand 4 KiB p50 ms", "rand_4k", "p50 ms", False),
+    ("rand 4 KiB p99 ms", "rand_4k", "p99 ms", False),
+    ("rand 64 KiB IOPS", "rand_64k", "IOPS", True),
+    ("rand 64 KiB p50 ms", "rand_64k", "p50 ms", False),
+    ("rand 64 KiB p99 ms", "rand_64k", "p99 ms", False),
+    ("seq write: close s", "seq_write", "close s", False),
+    ("seq write: durable s", "seq_write", "durable s", False),
+    ("small files: close s", "small_files", "close s", False),
+    ("small files: durable s", "small_files", "durable s", False),
+    ("ls -l cold s", "ls", "cold s", False),
+    ("ls -l warm s", "ls", "warm s", False),
+    ("ffprobe s", "video", "ffprobe s", False),
+    ("transcode 5 s of video, s", "video", "transcode 5 s", False),
+    ("md5sum s", "md5", "md5sum s", False),
+    ("getxattr user.md5 s", "md5", "getxattr s", False),
+]
+
+
+def _ratio(mine: float | None, others: list[float], higher: bool) -> float | None:
+    """How many times worse gstore is than the best other tool (>1: behind, <1: ahead)."""
+    if mine is None or not others:
+        return None
+    best = max(others) if higher else min(others)
+    if higher:
+        return None if mine <= 0 else best / mine
+    if best <= 0:
+        return float("inf") if mine > 0 else 1.0
+    return mine / best
+
+
+def summary_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float | None], float | None]]:
+    """(label, {tool: value}, gstore's ratio to the best other tool) for the headline table."""
+    tools = list(results["tools"])
+    rows = []
+    for label, wl, metric, higher in SUMMARY:
+        if wl not in results["workloads"]:
+            continue
+        vals = {t: _get(results, wl, t, metric) for t in tools}
+        others = [v for t, v in vals.items() if t != "gstore" and v is not None]
+        rows.append((label, vals, _ratio(vals.get("gstore"), others, higher)))
+    rss = {t: max((r.get("peak_rss_kib") or 0 for by in results["workloads"].values()
+                   for tt, r in by.items() if tt == t), default=0) for t in tools}
+    vals = {t: (round(v / 1024, 1) if v else None) for t, v in rss.items()}
+    others = [v for t, v in vals.items() if t != "gstore" and v is not None]
+    rows.append(("peak RSS over the run, MiB", vals, _ratio(vals.get("gstore"), others, False)))
+    return rows
+
+
+def summary_table(results: dict[str, Any]) -> list[str]:
+    tools = list(results["tools"])
+    with_ratio = "gstore" in tools and len(tools) > 1
+    head = "| | " + " | ".join(tools) + (" | gstore vs best other |" if with_ratio else " |")
+    lines = [head, "|---|" + "---:|" * (len(tools) + (1 if with_ratio else 0))]
+    for label, vals, ratio in summary_rows(results):
+        cells = [_fmt(vals[t]) for t in tools]
+        row = f"| {label} | " + " | ".join(cells)
+        if with_ratio:
+            if ratio is None:
+                r = "–"
+            elif ratio == float("inf"):
+                r = "behind (others: 0)"
+            elif ratio >= 1.05:
+                r = f"{ratio:.1f}× behind" if ratio < 100 else f"{ratio:,.0f}× behind"
+            elif ratio <= 1 / 1.05:
+                r = f"{1 / ratio:.1f}× ahead" if ratio > 0.01 else f"{1 / ratio:,.0f}× ahead"
+            else:
+                r = "even"
+            row += f" | {r}"
+        lines.append(row + " |")
+    return lines
+
+
 def write(out: Path, results: dict[str, Any]) -> None:
     (out / "results.md").write_text(markdown(results, charts=charts(out, results)))
 
@@ -115,6 +201,10 @@ def markdown(results: dict[str, Any], charts: list[str] | None = None) -> str:
     if results.get("errors"):
         lines += ["**Errors:**", ""] + [f"- {e}" for e in results["errors"]] + [""]
 
+    lines += ["## Summary", "",
+              "Higher is better for MiB/s and IOPS, lower for everything else; the last column "
+              "compares gstore with the best of the other tools. Details, backend requests and "
+              "bytes per phase below.", ""] + summary_table(results) + [""]
     desc = describe(results)
     for wl, by_tool in results["workloads"].items():
         title, how = desc.get(wl, (wl, ""))

@@ -51,9 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(--vfs-cache-max-size); s3fs has no bound (default %(default)s)")
     p.add_argument("--fio-runtime", type=int, default=None, metavar="S",
                    help="seconds per fio job (default 10, --quick 4)")
-    p.add_argument("--profile", default=None, metavar="WORKLOAD",
-                   help="record a py-spy profile (raw, per thread) of the gstore daemon during "
-                        "WORKLOAD's measured phases; written next to the results")
+    p.add_argument("--profile", default=None, metavar="WORKLOAD[,WORKLOAD...]",
+                   help="record a py-spy profile (raw, per thread, plus a text summary) of the "
+                        "gstore daemon during these workloads' measured phases; written next to "
+                        "the results")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch directory (debugging)")
     args = p.parse_args(argv)
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
@@ -67,8 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for w in args.workloads:
         if w not in WORKLOADS:
             p.error(f"unknown workload {w!r} (known: {', '.join(WORKLOADS)})")
-    if args.profile and args.profile not in WORKLOADS:
-        p.error(f"--profile: unknown workload {args.profile!r}")
+    args.profile = [w.strip() for w in (args.profile or "").split(",") if w.strip()]
+    for w in args.profile:
+        if w not in WORKLOADS:
+            p.error(f"--profile: unknown workload {w!r}")
     return args
 
 
@@ -117,7 +120,7 @@ def machine_info() -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     out = {"fio": first_line(["fio", "--version"]),
-           "ffmpeg": first_line(["ffmpeg", "-version"]),
+           "ffmpeg": first_line(["ffmpeg", "-version"]).split(" Copyright")[0],
            "fuse3": first_line(["fusermount3", "--version"])}
     for pkg in ("moto", "s3fs", "fsspec", "boto3", "pyfuse3", "trio", "matplotlib"):
         try:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import importlib.util
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -60,6 +61,13 @@ class Tool:
 
     def notes(self) -> str:
         return ""
+
+    def flush(self, mnt: Path, timeout: float) -> float | None:
+        """Make everything written durable in the backend, if the tool has a command for it.
+
+        Returns the seconds it took, or None when the tool has no such command (the caller
+        then polls the bucket until the objects appear)."""
+        return None
 
     def _spawn(self, mnt: Path, cache: Path, log_path: Path) -> None:
         """Default: a foreground daemon we start ourselves (its PID is the Popen's)."""
@@ -156,10 +164,23 @@ class Gstore(Tool):
             v = metadata.version("gstore")
         except metadata.PackageNotFoundError:
             v = "?"
+        spec = importlib.util.find_spec("gstore")
+        origin = Path(spec.origin).resolve().parent.parent if spec and spec.origin else None
+        if origin is not None and origin != REPO / "src":
+            return f"gstore {v} (imported from {origin})"  # e.g. PYTHONPATH=<other tree>/src
         commit = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "src"],
                                capture_output=True, text=True).stdout.strip()
         return f"gstore {v} (git {commit}{', src/ modified' if dirty else ''})"
+
+    def flush(self, mnt: Path, timeout: float) -> float | None:
+        exe = Path(sys.executable).with_name("gstore")
+        t0 = time.perf_counter()
+        r = subprocess.run([str(exe), "flush", str(mnt)], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise BenchError(f"gstore flush exited {r.returncode}: {r.stderr.strip()[-300:]}")
+        return time.perf_counter() - t0
 
     def notes(self) -> str:
         return ("defaults: --block-size 4M, --readahead 64M, --fetch-concurrency 16, attr/dir TTL 60 s, "
@@ -234,5 +255,9 @@ TOOLS: dict[str, type[Tool]] = {"gstore": Gstore, "rclone": Rclone, "s3fs": S3fs
 
 def tool_info(tool: Tool) -> dict[str, Any]:
     mnt, cache = Path("MNT"), Path("CACHE")
-    return {"version": tool.version(), "command": " ".join(tool.command(mnt, cache)),
-            "notes": tool.notes()}
+    command = " ".join(tool.command(mnt, cache))
+    # readable and run-independent: the scratch folder, endpoint URL and checkout as placeholders
+    for real, placeholder in ((str(tool.work), "WORK"), (tool.endpoint.url, "URL"), (str(REPO), ".")):
+        if real:
+            command = command.replace(real, placeholder)
+    return {"version": tool.version(), "command": command, "notes": tool.notes()}

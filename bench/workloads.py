@@ -44,7 +44,7 @@ class Config:
     video_seconds: int
     transcode: bool
     durable_timeout: float
-    profile: str | None = None  # workload name: record a py-spy profile of gstore during it
+    profile: list[str] = field(default_factory=list)  # workloads: py-spy profile of gstore during them
     py_spy: str | None = None
 
 
@@ -157,7 +157,7 @@ class Run:
 
     # -- py-spy (only gstore, only the workload named by --profile)
     def _start_profiler(self, phase: str) -> Any:
-        if self.cfg.profile != self.workload or self.tool.name != "gstore" or not self.cfg.py_spy:
+        if self.workload not in self.cfg.profile or self.tool.name != "gstore" or not self.cfg.py_spy:
             return None
         out = self.results_dir / f"profile-{self.workload}-{phase.replace(' ', '_')}.raw"
         proc = subprocess.Popen(
@@ -179,6 +179,12 @@ class Run:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
         log(f"py-spy profile of gstore during {self.workload}/{phase}: {out}")
+        if out.exists():
+            from bench.profile_summary import summarize
+
+            summary = out.with_suffix(".txt")
+            summary.write_text(summarize(out, 30))
+            self.record.setdefault("profiles", {})[phase] = {"raw": out.name, "summary": summary.name}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -215,6 +221,24 @@ def _poll(check: Callable[[], bool], timeout: float, interval: float) -> float |
         if time.perf_counter() > deadline:
             return None
         time.sleep(interval)
+
+
+def _durable(r: Run, check: Callable[[], bool], interval: float, p: dict[str, Any]) -> float | None:
+    """The perf_counter time the written data was durable in the bucket, or None (timeout).
+
+    gstore: ``gstore flush MNT`` (returns once every pending upload is confirmed), then one
+    check that the bucket has it. Tools without a flush command (rclone uploads after its
+    --vfs-write-back delay; s3fs uploads at close): poll the bucket."""
+    took = r.tool.flush(r.mnt, r.cfg.durable_timeout)
+    if took is not None:
+        done = time.perf_counter()
+        p["flush_s"] = round(took, 3)
+        p["durable_by"] = "flush command"
+        if not check():
+            raise BenchError("the flush command returned but the bucket does not have the data")
+        return done
+    p["durable_by"] = "polling the bucket"
+    return _poll(check, r.cfg.durable_timeout, interval)
 
 
 # --------------------------------------------------------------------------- workloads
@@ -291,7 +315,7 @@ def seq_write(r: Run) -> None:
         os.close(fd)
         closed = time.perf_counter()
         p["close_s"] = closed - t0
-        durable = _poll(lambda: r.endpoint.head_size(key) == len(data), r.cfg.durable_timeout, 0.05)
+        durable = _durable(r, lambda: r.endpoint.head_size(key) == len(data), 0.05, p)
         p["durable_s"] = None if durable is None else durable - t0
         p["wall_s"] = time.perf_counter() - t0
     r.metric("close s", round(p["close_s"], 2))
@@ -326,7 +350,7 @@ def small_files(r: Run) -> None:
         except OSError as exc:
             _unsupported_or_raise(exc, "create")
         p["close_s"] = time.perf_counter() - t0
-        durable = _poll(all_there, r.cfg.durable_timeout, 0.25)
+        durable = _durable(r, all_there, 0.25, p)
         p["durable_s"] = None if durable is None else durable - t0
         p["wall_s"] = time.perf_counter() - t0
     r.metric("close s", round(p["close_s"], 2))
@@ -391,7 +415,20 @@ def md5(r: Run) -> None:
         r.metric("getxattr s", round(p["wall_s"], 4))
 
 
+def idle(r: Run) -> None:
+    """A mounted, unused daemon: CPU use over 3 s (after 1 s to settle) and its memory."""
+    r.cold()
+    time.sleep(1.0)
+    with r.phase("idle 3 s", settle=0) as p:
+        time.sleep(3.0)
+    cpu = p.get("daemon_cpu_s")
+    r.metric("idle CPU %", None if cpu is None else round(100 * cpu / p["wall_s"], 1))
+    rss = r.tool.peak_rss_kib()
+    r.metric("RSS MiB", None if rss is None else round(rss / 1024, 1))
+
+
 WORKLOADS: dict[str, Callable[[Run], None]] = {
+    "idle": idle,
     "seq_read": seq_read,
     "rand_4k": rand_4k,
     "rand_64k": rand_64k,
@@ -401,7 +438,7 @@ WORKLOADS: dict[str, Callable[[Run], None]] = {
     "video": video,
     "md5": md5,
 }
-QUICK_WORKLOADS = ("seq_read", "rand_4k", "seq_write", "small_files", "ls", "video", "md5")
+QUICK_WORKLOADS = ("idle", "seq_read", "rand_4k", "seq_write", "small_files", "ls", "video", "md5")
 
 
 def md5_of(path: Path) -> str:
