@@ -13,38 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from gstore.testing.localmount import mount_bucket, unmount
 from gstore.testing.s3server import S3TestServer
 
 MiB = 1024 * 1024
-
-
-def mount(endpoint: str, work: Path, mnt: Path, block_size: str) -> None:
-    config = work / "mounts.toml"
-    config.write_text(
-        f'[mounts.bench]\nprotocol = "s3"\nroot = "bench"\n[mounts.bench.options]\n'
-        f'endpoint_url = "{endpoint}"\nkey = "k"\nsecret = "s"\n'
-        'client_kwargs = { region_name = "us-east-1" }\n'
-    )
-    subprocess.run(
-        [str(Path(sys.executable).with_name("gstore-mount")), "--config", str(config), "--cache-dir",
-         str(work / "cache"), "--block-size", block_size, "bench:", str(mnt)],
-        check=True,
-    )
-
-
-def unmount(mnt: Path) -> None:
-    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-    for _ in range(100):
-        if not os.path.ismount(mnt):
-            return
-        time.sleep(0.05)
 
 
 def timed_cat(path: Path) -> float:
@@ -83,7 +61,7 @@ def main() -> int:
 
         mnt = work / "mnt"
         mnt.mkdir()
-        mount(server.endpoint_url, work, mnt, args.block_size)
+        mount_bucket(server.endpoint_url, work, mnt, "--block-size", args.block_size)
         try:
             os.stat(mnt / "big.bin")
             server.stats.reset()
@@ -92,7 +70,7 @@ def main() -> int:
             page_cache = timed_cat(mnt / "big.bin")
         finally:
             unmount(mnt)
-        mount(server.endpoint_url, work, mnt, args.block_size)
+        mount_bucket(server.endpoint_url, work, mnt, "--block-size", args.block_size)
         try:
             os.stat(mnt / "big.bin")
             os.stat(mnt / "video.mp4")

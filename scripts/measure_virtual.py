@@ -19,32 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from gstore.testing.localmount import mount_bucket, unmount
 from gstore.testing.s3server import S3TestServer
 
 MiB = 1024 * 1024
 PARTS = ["p0.ts", "p1.ts", "p2.ts", "p3.ts"]
-
-
-def mount(endpoint: str, work: Path, mnt: Path, block_size: str) -> None:
-    config = work / "mounts.toml"
-    config.write_text(
-        f'[mounts.bench]\nprotocol = "s3"\nroot = "bench"\n[mounts.bench.options]\n'
-        f'endpoint_url = "{endpoint}"\nkey = "k"\nsecret = "s"\n'
-        'client_kwargs = { region_name = "us-east-1" }\n'
-    )
-    subprocess.run(
-        [str(Path(sys.executable).with_name("gstore-mount")), "--config", str(config), "--cache-dir",
-         str(work / "cache"), "--cache-size", "4G", "--block-size", block_size, "bench:", str(mnt)],
-        check=True,
-    )
-
-
-def unmount(mnt: Path) -> None:
-    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-    for _ in range(100):
-        if not os.path.ismount(mnt):
-            return
-        time.sleep(0.05)
 
 
 def traffic(server: S3TestServer) -> str:
@@ -83,7 +62,7 @@ def main() -> int:
             del data
         mnt = work / "mnt"
         mnt.mkdir()
-        mount(server.endpoint_url, work, mnt, args.block_size)
+        mount_bucket(server.endpoint_url, work, mnt, "--cache-size", "4G", "--block-size", args.block_size)
         try:
             concat = mnt / ".concat" / "+".join(PARTS)
             server.stats.reset()
