@@ -95,7 +95,10 @@ class WriteBack:
         self.delay = delay
         self.policy = conflict_policy
         self.staged: dict[str, StagedFile] = {}
-        self._due: dict[str, float] = {}  # staged id -> monotonic time the upload is due
+        # staged id -> when the upload is due, on trio's clock (trio.current_time(), which
+        # is offset from time.monotonic(): mixing the two made the scheduler spin).
+        self._due: dict[str, float] = {}
+        self.scheduler_passes = 0  # how often the scheduler woke up (a busy loop shows here)
         self._running: dict[str, trio.CancelScope] = {}
         self._queued: set[str] = set()  # spawned, waiting for an upload slot
         self._changed = trio.Event()  # set whenever an upload ends or the schedule changes
@@ -129,7 +132,7 @@ class WriteBack:
         return list(self.staged.values())
 
     def schedule(self, staged: StagedFile, delay: float | None = None) -> None:
-        when = time.monotonic() + (self.delay if delay is None else delay)
+        when = trio.current_time() + (self.delay if delay is None else delay)
         self._due[staged.id] = when
         self._wake()
 
@@ -167,7 +170,8 @@ class WriteBack:
             self._nursery = nursery
             task_status.started()
             while True:
-                now = time.monotonic()
+                self.scheduler_passes += 1
+                now = trio.current_time()
                 for staged_id, when in sorted(self._due.items(), key=lambda item: item[1]):
                     if when > now:
                         break
