@@ -144,6 +144,7 @@ class MountOptions:
     log_level: str = "INFO"
     log_file: Path | None = None
     debug_requests: bool = False
+    xattrs: bool = True
     fsname: str | None = None
 
 
@@ -520,6 +521,9 @@ _FIELDS: dict[str, _Field] = {
         _Field("debug_requests", _conv_bool, None,
                "log one line per kernel request and per backend request (operation, path, result, "
                "duration) at DEBUG level, for troubleshooting; SIGUSR1 toggles it while running", "off"),
+        _Field("xattrs", _conv_bool, None,
+               "answer extended attributes (user.md5, user.mimetype, ...); --no-xattrs tells the "
+               "kernel there are none, which saves two requests per file in ls -l", "on"),
         _Field("fsname", _conv_fsname, "NAME",
                "source name shown in /proc/mounts and df", "gstore:<mount name>"),
     )

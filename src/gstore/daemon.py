@@ -280,6 +280,7 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
         entry_ttl=options.dir_cache_ttl,
         negative_ttl=options.negative_ttl,
         block_size=options.block_size,
+        xattrs=options.xattrs,
     )
     tracer = RequestTracer()
     _watch_requests(tracer, ops, fs, backend)

@@ -83,6 +83,7 @@ class Operations(pyfuse3.Operations):
         entry_ttl: float,
         negative_ttl: float,
         block_size: int,
+        xattrs: bool = True,
     ) -> None:
         super().__init__()
         self.fs = fs
@@ -91,6 +92,9 @@ class Operations(pyfuse3.Operations):
         self._dir_mode = stat.S_IFDIR | (0o777 & ~umask)
         self._attr_ttl, self._entry_ttl, self._negative_ttl = attr_ttl, entry_ttl, negative_ttl
         self._block_size = block_size
+        # ENOSYS makes the kernel stop asking for the life of the mount (ls -l asks
+        # every file for two security/ACL attributes): the price of turning them off.
+        self._xattr_errno = None if xattrs else errno.ENOSYS
 
     # -- conversions --------------------------------------------------------------
 
@@ -270,6 +274,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENODATA) from None
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if self._xattr_errno:
+            raise pyfuse3.FUSEError(self._xattr_errno)
         text = self._xattr_name(name)
         if not text.startswith("user."):
             raise pyfuse3.FUSEError(errno.ENODATA)  # security.*, system.*: asked by ls -l, never stored
@@ -277,15 +283,21 @@ class Operations(pyfuse3.Operations):
             return await self.fs.xattrs.get(self.fs.inode(inode), text)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if self._xattr_errno:
+            raise pyfuse3.FUSEError(self._xattr_errno)
         with _errors("listxattr", inode):
             return [name.encode() for name in await self.fs.xattrs.names(self.fs.inode(inode))]
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self._xattr_errno:
+            raise pyfuse3.FUSEError(self._xattr_errno)
         text = self._xattr_name(name)
         with _errors("setxattr", text):
             await self.fs.xattrs.set(self.fs.inode(inode), text, value)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self._xattr_errno:
+            raise pyfuse3.FUSEError(self._xattr_errno)
         text = self._xattr_name(name)
         with _errors("removexattr", text):
             await self.fs.xattrs.remove(self.fs.inode(inode), text)

@@ -370,3 +370,13 @@ def test_fuzzed_virtual_names_and_xattrs_get_clean_errors(s3, mount):
     assert m.process.poll() is None
     assert (m.path / "a.txt").read_bytes() == b"a\n"
     assert s3.get("a.txt") == b"a\n"
+
+
+def test_xattrs_can_be_turned_off_for_the_kernel(s3, mount):
+    s3.put("a.txt", b"a")
+    m = mount("test:", "--no-xattrs")
+    with pytest.raises(OSError) as caught:
+        os.getxattr(m.path / "a.txt", "user.md5")
+    assert caught.value.errno == errno.EOPNOTSUPP
+    assert run("ls", "-l", m.path, check=True).stdout.count(b"a.txt") == 1
+    assert (m.path / ".concat" / "a.txt+a.txt").read_bytes() == b"aa"
