@@ -59,7 +59,7 @@ class Flaky:
     async def head(self, path: str) -> object:
         return await self._step("head")
 
-    async def list_dir(self, path: str) -> object:
+    async def list_dir(self, path: str, max_pages: int | None = None) -> object:
         return await self._step("list_dir")
 
     async def walk(self, path: str) -> object:

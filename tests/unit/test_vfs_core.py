@@ -10,7 +10,7 @@ import trio
 from gstore.backends.base import Listing, ObjectInfo, check_relative_path, join_key, posix_name_problem
 from gstore.errors import BackendError, classify, is_transient, to_errno
 from gstore.vfs.inodes import ROOT_INODE, InodeTable, path_inode_number
-from gstore.vfs.metadata import MetadataCache
+from gstore.vfs.metadata import LIST_AFTER_LOOKUPS, MetadataCache
 
 
 class FakeClientError(Exception):
@@ -120,7 +120,7 @@ class FakeBackend:
             return ObjectInfo(path.rsplit("/", 1)[-1], True)
         raise FileNotFoundError(errno.ENOENT, path)
 
-    async def list_dir(self, path):
+    async def list_dir(self, path, max_pages=None):
         self.calls.append(("list", path))
         await trio.sleep(self.delay)
         if self.fail_with:
@@ -214,3 +214,20 @@ def test_metadata_memory_is_bounded():
         assert cache.entry_count() <= 200 + 2 * 50
 
     trio.run(main)
+
+
+def test_many_lookups_in_an_unlisted_folder_become_one_listing():
+    backend = FakeBackend()
+    cache = make_cache(backend)
+
+    async def main():
+        for i in range(20):  # a program creating new names one by one (cp -r, tar x)
+            with pytest.raises(FileNotFoundError):
+                await cache.stat(f"d/new{i}")
+        assert (await cache.stat("d/b")).size == 4
+
+    trio.run(main)
+    heads = [c for c in backend.calls if c[0] == "stat"]
+    lists = [c for c in backend.calls if c[0] == "list"]
+    assert lists == [("list", "d")]
+    assert len(heads) == LIST_AFTER_LOOKUPS - 1

@@ -68,8 +68,9 @@ class Backend(Protocol):
     async def stat(self, path: str) -> ObjectInfo:
         """Metadata of one file or directory; ``FileNotFoundError`` if neither exists."""
 
-    async def list_dir(self, path: str) -> Listing:
-        """All children of a directory (one paginated listing, no per-entry requests)."""
+    async def list_dir(self, path: str, *, max_pages: int | None = None) -> Listing | None:
+        """All children of a directory (one paginated listing, no per-entry requests);
+        None if they do not fit in ``max_pages`` pages (when the backend pages at all)."""
 
     async def read_range(self, path: str, start: int, end: int, expect: ObjectInfo) -> bytes:
         """Bytes ``[start, end)`` of exactly the version ``expect`` describes.

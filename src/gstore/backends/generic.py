@@ -119,7 +119,8 @@ class FsspecBackend:
         entry = await self._do("info", self._full(path))
         return info_to_object(entry, path.rsplit("/", 1)[-1] if path else "")
 
-    async def list_dir(self, path: str) -> Listing:
+    async def list_dir(self, path: str, *, max_pages: int | None = None) -> Listing:
+        # fsspec lists a folder in one call: max_pages has nothing to bound here.
         full = self._full(path)
         entries = await self._do("ls", full, detail=True)
         listing = Listing()

@@ -233,8 +233,8 @@ class ResilientBackend:
     async def head(self, path: str) -> Any:
         return await self._retrying("head", self._inner.head, (path,), {})
 
-    async def list_dir(self, path: str) -> Any:
-        return await self._retrying("list_dir", self._inner.list_dir, (path,), {})
+    async def list_dir(self, path: str, **kwargs: Any) -> Any:
+        return await self._retrying("list_dir", self._inner.list_dir, (path,), kwargs)
 
     async def walk(self, path: str) -> Any:
         return await self._retrying("walk", self._inner.walk, (path,), {})

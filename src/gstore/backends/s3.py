@@ -351,7 +351,8 @@ class S3Backend(S3Writes):
             return ObjectInfo(name=name, is_dir=True)
         raise FileNotFoundError(errno.ENOENT, f"no such object or prefix: {path}")
 
-    async def list_dir(self, path: str) -> Listing:
+    async def list_dir(self, path: str, *, max_pages: int | None = None) -> Listing | None:
+        """The folder's children; None when ``max_pages`` pages (of 1,000 keys) do not hold them all."""
         base = self.key_of(path)
         key_prefix = f"{base}/" if base else ""
         listing = Listing()
@@ -383,6 +384,10 @@ class S3Backend(S3Writes):
             token = page.get("NextContinuationToken")
             if not token:
                 break
+            if max_pages is not None:
+                max_pages -= 1
+                if max_pages <= 0:
+                    return None
         for name in dirs:
             problem = posix_name_problem(name)
             if problem:

@@ -608,6 +608,7 @@ class FileSystem:
         self.metadata.forget_path(path)
         info = ObjectInfo(name=name, is_dir=True, mtime=time.time())
         self.metadata.remember(path, info)
+        self.metadata.remember_empty_dir(path)  # _exists just saw nothing under it
         return self.inodes.remember(path, info)
 
     async def _exists(self, path: str) -> bool:

@@ -67,6 +67,12 @@ class _SingleFlight:
             event.set()
 
 
+#: Distinct names looked up in one folder (missing every cache) after which it is listed.
+LIST_AFTER_LOOKUPS = 4
+#: ... provided it fits in this many listing pages (1,000 keys each on S3).
+LIST_MAX_PAGES = 3
+
+
 class MetadataCache:
     """The filesystem's view of backend metadata."""
 
@@ -96,6 +102,9 @@ class MetadataCache:
         self._enabled = {"attr": attr_ttl > 0, "dir": dir_ttl > 0, "neg": negative_ttl > 0}
         self._flight = _SingleFlight()
         self._reported: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=10_000)
+        # Distinct names looked up past the caches, per folder, within the listing TTL.
+        self._folder_lookups: cachetools.TTLCache[str, set[str]] = cachetools.TTLCache(
+            maxsize=10_000, ttl=max(dir_ttl, 0.001))
         self.stats = {"listings": 0, "stats": 0, "listing_hits": 0, "attr_hits": 0, "negative_hits": 0}
 
     # -- queries -----------------------------------------------------------------
@@ -129,7 +138,29 @@ class MetadataCache:
         info = self.cached(path)
         if info is not None:
             return info
+        if await self._worth_listing(parent_path(path), path):
+            info = self.cached(path)  # answered by the fresh listing (or FileNotFoundError)
+            if info is not None:
+                return info
         return await self._flight.run(("stat", path), lambda: self._fetch_stat(path))
+
+    async def _worth_listing(self, folder: str, path: str) -> bool:
+        """After a few lookups in one folder whose listing is not cached, list it once:
+        a program creating or probing many names there (cp -r, tar x, a build) then
+        costs no HEAD per name, which is how a listing-backed ls -l stays cheap too."""
+        if not self._enabled["dir"]:
+            return False
+        names = self._folder_lookups.get(folder)
+        if names is None:
+            names = self._folder_lookups[folder] = set()
+        if len(names) >= LIST_AFTER_LOOKUPS:
+            return False  # listed already, or too big to list: one by one
+        names.add(path)
+        if len(names) < LIST_AFTER_LOOKUPS or folder in self._listings:
+            return False
+        # Bounded: a folder of a million keys is not worth listing for a few names.
+        await self._flight.run(("list", folder), lambda: self._fetch_listing(folder, max_pages=LIST_MAX_PAGES))
+        return folder in self._listings
 
     async def _fetch_stat(self, path: str) -> ObjectInfo:
         self.stats["stats"] += 1
@@ -150,9 +181,14 @@ class MetadataCache:
             return listing
         return await self._flight.run(("list", path), lambda: self._fetch_listing(path))
 
-    async def _fetch_listing(self, path: str) -> Listing:
+    async def _fetch_listing(self, path: str, *, max_pages: int | None = None) -> Listing:
         self.stats["listings"] += 1
-        listing = await self._backend.list_dir(path)
+        if max_pages is None:
+            listing = await self._backend.list_dir(path)
+        else:
+            listing = await self._backend.list_dir(path, max_pages=max_pages)
+            if listing is None:
+                return Listing()  # too big to be worth it: not cached, lookups go on one by one
         self.mtimes.apply_folder(path, listing.entries)
         for raw, reason in listing.skipped:
             if raw not in self._reported:
@@ -184,6 +220,13 @@ class MetadataCache:
         listing, name = self._parent_listing(path)
         if listing is not None:
             listing.entries[name] = info
+
+    def remember_empty_dir(self, path: str) -> None:
+        """This mount just created directory ``path`` where nothing existed: its
+        listing is known (empty) without asking, so creating files in it costs
+        no lookup request each."""
+        if self._enabled["dir"]:
+            self._listings[path] = Listing()
 
     def remember_missing(self, path: str) -> None:
         """This mount just removed ``path``."""

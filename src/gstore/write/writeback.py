@@ -355,7 +355,10 @@ class WriteBack:
     async def _fill(self, staged: StagedFile, start: int, end: int) -> None:
         """Make ``[start, end)`` of the staging file valid by fetching what is missing from the base."""
         base = staged.base
-        for gap_start, gap_end in staged.present.gaps(start, end):
+        gaps = list(staged.present.gaps(start, end))
+        if not gaps:
+            return  # every byte is local already: nothing to fetch, nothing new to journal
+        for gap_start, gap_end in gaps:
             if base is None or gap_start >= base.size:
                 staged.present.add(gap_start, gap_end)  # beyond the base: zeros
                 continue
