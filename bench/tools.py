@@ -8,11 +8,11 @@ lifetime: ``start`` mounts and returns when the mount answers, ``stop`` unmounts
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 import time
-import importlib.util
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -122,16 +122,18 @@ class Gstore(Tool):
     def config_path(self) -> Path:
         path = self.work / "gstore-mounts.toml"
         if not path.exists():
-            path.write_text(
-                "[mounts.bench]\n"
-                'protocol = "s3"\n'
-                f'root = "{BUCKET}"\n'
-                "[mounts.bench.options]\n"
-                f'endpoint_url = "{self.endpoint.url}"\n'
-                f'key = "{ACCESS_KEY}"\n'
-                f'secret = "{SECRET_KEY}"\n'
-                f'client_kwargs = {{ region_name = "{REGION}" }}\n'
-            )
+            text = ("[mounts.bench]\n"
+                    'protocol = "s3"\n'
+                    f'root = "{BUCKET}"\n'
+                    "[mounts.bench.options]\n"
+                    f'endpoint_url = "{self.endpoint.url}"\n'
+                    f'key = "{ACCESS_KEY}"\n'
+                    f'secret = "{SECRET_KEY}"\n'
+                    f'client_kwargs = {{ region_name = "{REGION}" }}\n')
+            # 0600: it holds credentials, and gstore refuses a config file others can read
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
         return path
 
     def command(self, mnt: Path, cache: Path) -> list[str]:
