@@ -43,6 +43,10 @@ def make_backend(
             # One attempt per call in s3fs and botocore: gstore retries (bounded) itself.
             config_kwargs = dict(opts.get("config_kwargs") or {})
             config_kwargs.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+            # botocore's socket read timeout (60 s) would cut a multipart complete or a
+            # large copy the server is still working on; reads are bounded by gstore's
+            # own per-request deadline (--request-timeout) instead.
+            config_kwargs.setdefault("read_timeout", 600)
             opts["config_kwargs"] = config_kwargs
         fs = fsspec.filesystem("s3", **opts)
         if resilient:

@@ -70,7 +70,11 @@ MIN_PART = 5 * 1024 * 1024
 MAX_PARTS = 10_000
 
 
-def part_size_for(size: int, preferred: int = 16 * 1024 * 1024) -> int:
+#: Least time a write request (PUT, part upload, multipart complete, copy) may take.
+WRITE_TIMEOUT = 600.0
+
+
+def part_size_for(size: int, preferred: int = 8 * 1024 * 1024) -> int:
     """A part size S3 accepts for an object of ``size`` bytes (at most 10,000 parts)."""
     needed = -(-size // MAX_PARTS)
     return max(MIN_PART, preferred, needed)
@@ -112,7 +116,7 @@ class S3Writes:
             kwargs["IfMatch"] = f'"{if_match}"'
         if if_none_match:
             kwargs["IfNoneMatch"] = "*"
-        response = await self._call("put_object", **kwargs)
+        response = await self._call("put_object", timeout=self.write_timeout, **kwargs)
         return ObjectInfo(
             name=path.rsplit("/", 1)[-1],
             is_dir=False,
@@ -134,7 +138,7 @@ class S3Writes:
 
     async def upload_part(self, path: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
         response = await self._call(
-            "upload_part", Key=self.key_of(path), UploadId=upload_id, PartNumber=number, Body=data,
+            "upload_part", timeout=self.write_timeout, Key=self.key_of(path), UploadId=upload_id, PartNumber=number, Body=data,
             ContentMD5=_md5_b64(data),
         )
         return {"PartNumber": number, "ETag": response["ETag"]}
@@ -149,7 +153,7 @@ class S3Writes:
         elif source.etag:
             kwargs["CopySourceIfMatch"] = f'"{source.etag}"'
         response = await self._call(
-            "upload_part_copy", Key=self.key_of(path), UploadId=upload_id, PartNumber=number,
+            "upload_part_copy", timeout=self.write_timeout, Key=self.key_of(path), UploadId=upload_id, PartNumber=number,
             CopySource=copy_source, CopySourceRange=f"bytes={start}-{end - 1}", **kwargs,
         )
         return {"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]}
@@ -163,7 +167,7 @@ class S3Writes:
         if if_none_match:
             kwargs["IfNoneMatch"] = "*"
         await self._call(
-            "complete_multipart_upload", Key=self.key_of(path), UploadId=upload_id,
+            "complete_multipart_upload", timeout=self.write_timeout, Key=self.key_of(path), UploadId=upload_id,
             MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])}, **kwargs,
         )
 
@@ -201,7 +205,7 @@ class S3Writes:
         copy_source: dict[str, str] = {"Bucket": self.bucket, "Key": self.key_of(source_path)}
         if source.version_id and source.version_id != "null":
             copy_source["VersionId"] = source.version_id
-        await self._call("copy_object", Key=self.key_of(target_path), CopySource=copy_source)
+        await self._call("copy_object", timeout=self.write_timeout, Key=self.key_of(target_path), CopySource=copy_source)
 
     async def delete(self, path: str) -> None:
         await self._call("delete_object", Key=self.key_of(path))
@@ -273,7 +277,7 @@ class S3Writes:
         for name in ("CacheControl", "ContentDisposition", "ContentEncoding", "ContentLanguage"):
             if head.get(name):
                 kwargs[name] = head[name]
-        await self._call("copy_object", **kwargs)
+        await self._call("copy_object", timeout=self.write_timeout, **kwargs)
         info = await self.head(path)
         if info is None:
             raise BackendError(errno.ENOENT, f"{path} vanished while its Content-Type was changed")
@@ -291,6 +295,10 @@ class S3Backend(S3Writes):
         self.bucket, _, self.prefix = root.partition("/")
         self.prefix = self.prefix.strip("/")
         self._bridge = AsyncioBridge(fs.loop, timeout=request_timeout)
+        # Writes that the server may take minutes to finish (completing or copying
+        # gigabytes) get longer than a read: nobody waits on them but flush/fsync,
+        # and giving up early only means sending the same bytes again.
+        self.write_timeout = max(request_timeout or 60.0, WRITE_TIMEOUT)
         endpoint = getattr(fs, "client_kwargs", {}).get("endpoint_url") or getattr(
             fs, "endpoint_url", None
         )
@@ -307,9 +315,9 @@ class S3Backend(S3Writes):
     def cache_key(self, path: str) -> str:
         return f"{self.cache_namespace}|{self.key_of(path)}"
 
-    async def _call(self, method: str, **kwargs: Any) -> Any:
+    async def _call(self, method: str, *, timeout: float | None = None, **kwargs: Any) -> Any:
         try:
-            return await self._bridge.run(self._fs._call_s3(method, Bucket=self.bucket, **kwargs))
+            return await self._bridge.run(self._fs._call_s3(method, Bucket=self.bucket, **kwargs), timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - backends raise OSError only
             raise as_backend_error(exc, f"{method} {kwargs.get('Key') or kwargs.get('Prefix') or self.bucket}")
 

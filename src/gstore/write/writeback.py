@@ -37,7 +37,7 @@ from gstore.write.staging import EXPECT_ABSENT, StagedFile, StagingArea
 
 log = logging.getLogger(__name__)
 
-SINGLE_PUT_LIMIT = 16 * 1024 * 1024
+SINGLE_PUT_LIMIT = 8 * 1024 * 1024
 FILL_CHUNK = 8 * 1024 * 1024
 MAX_BACKOFF = 300.0
 
