@@ -136,6 +136,15 @@ client_kwargs = {{ region_name = "us-east-1" }}
     return path
 
 
+def daemon_pid(cache_dir: Path) -> int | None:
+    """The PID of the daemon serving a mount whose cache is ``cache_dir`` (from its lock file)."""
+    for lock in cache_dir.glob("*/lock"):
+        text = lock.read_text().strip()
+        if text:
+            return int(text)
+    return None
+
+
 def daemon_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("AWS_PROFILE", None)

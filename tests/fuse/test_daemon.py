@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUCKET, daemon_env, gstore_mount_cmd, require_fuse, write_config
+from conftest import BUCKET, daemon_env, daemon_pid, gstore_mount_cmd, require_fuse, write_config
 
 pytestmark = pytest.mark.fuse
 
@@ -19,14 +19,6 @@ pytestmark = pytest.mark.fuse
 def run_mount(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(gstore_mount_cmd() + list(args), capture_output=True, text=True, timeout=timeout,
                           env=daemon_env())
-
-
-def daemon_pid(cache_dir: Path) -> int | None:
-    for lock in cache_dir.glob("*/lock"):
-        text = lock.read_text().strip()
-        if text:
-            return int(text)
-    return None
 
 
 def wait_gone(pid: int, timeout: float = 20) -> bool:

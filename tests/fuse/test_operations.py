@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUCKET, REPO, daemon_env, gstore_mount_cmd, require_fuse, write_config
+from conftest import REPO, daemon_env, daemon_pid, gstore_mount_cmd, require_fuse, write_config
 
 pytestmark = pytest.mark.fuse
 
@@ -82,14 +82,6 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def lock_pid(cache_dir: Path) -> int | None:
-    for lock in cache_dir.glob("*/lock"):
-        text = lock.read_text().strip()
-        if text:
-            return int(text)
-    return None
 
 
 class Daemon:
@@ -211,7 +203,7 @@ def test_the_system_unit_sandbox_still_lets_fuse_mount(s3, tmp_path: Path) -> No
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=daemon_env())
         assert result.returncode == 0, result.stderr
-        pid = lock_pid(cache)
+        pid = daemon_pid(cache)
         assert pid is not None
         assert "NoNewPrivs:\t1" in Path(f"/proc/{pid}/status").read_text()
         assert (mnt / "hello.txt").read_bytes() == b"sandboxed"
@@ -365,7 +357,7 @@ def test_mount_t_fuse_gstore_mount_then_umount(s3, tmp_path: Path) -> None:
     (helper_dir / "gstore-mount").symlink_to(GSTORE_MOUNT)
     options = (f"config={config},cache_dir={cache},allow_other,write_back_delay=600,"
                "_netdev,nofail,x-systemd.automount,x-systemd.idle-timeout=60,noatime,nodev,nosuid")
-    script = f"""
+    script = """
 set -euo pipefail
 trap 'umount -l "$MNT" 2>/dev/null || true' EXIT
 mount --bind "$HELPERS" /usr/local/sbin
@@ -383,7 +375,7 @@ trap - EXIT
            "GSTORE": str(GSTORE)}
     result = subprocess.run([unshare, "--mount", "--propagation", "private", "bash", "-c", script],
                             capture_output=True, text=True, timeout=120, env=env)
-    pid = lock_pid(cache)
+    pid = daemon_pid(cache)
     try:
         logs = "\n".join(p.read_text(errors="replace") for p in cache.glob("*/gstore-mount.log"))
         assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs}"

@@ -591,7 +591,6 @@ class FileSystem:
             # (rewriting an object's metadata is a full server-side copy). See docs/semantics.md.
             info = dataclasses.replace(inode.info, mtime=mtime)
             self.metadata.mtimes.set(inode.path, info.etag, mtime)
-            self.metadata.forget_path(inode.path)
             self.metadata.remember(inode.path, info)
             self.inodes.refresh(inode, info)
         return inode
@@ -797,7 +796,6 @@ class FileSystem:
         if setter is None:
             raise _err(errno.ENOTSUP, f"{inode.path}: this backend cannot change an object's Content-Type")
         info = await setter(inode.path, content_type)
-        self.metadata.forget_path(inode.path)
         self.metadata.remember(inode.path, info)
         self.inodes.refresh(inode, info)
 

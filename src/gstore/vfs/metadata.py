@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import cachetools
@@ -138,29 +138,35 @@ class MetadataCache:
         info = self.cached(path)
         if info is not None:
             return info
-        if await self._worth_listing(parent_path(path), path):
-            info = self.cached(path)  # answered by the fresh listing (or FileNotFoundError)
-            if info is not None:
-                return info
+        await self.expect_lookups(parent_path(path), (path,))
+        info = self.cached(path)  # a listing fetched just now may answer (or raise FileNotFoundError)
+        if info is not None:
+            return info
         return await self._flight.run(("stat", path), lambda: self._fetch_stat(path))
 
-    async def _worth_listing(self, folder: str, path: str) -> bool:
-        """After a few lookups in one folder whose listing is not cached, list it once:
-        a program creating or probing many names there (cp -r, tar x, a build) then
-        costs no HEAD per name, which is how a listing-backed ls -l stays cheap too."""
-        if not self._enabled["dir"]:
-            return False
+    async def expect_lookups(self, folder: str, paths: Iterable[str]) -> None:
+        """Lookups of ``paths`` in ``folder`` are coming (or came) past every cache.
+
+        Once four different names of one folder have, within the listing TTL, the
+        folder is listed once instead (bounded to a few pages: a folder of a million
+        keys is not worth it for a few names). A program creating or probing many
+        names there (cp -r, tar x, a build, a .concat of many parts) then costs no
+        HEAD per name.
+        """
+        if not self._enabled["dir"] or folder in self._listings:
+            return
         names = self._folder_lookups.get(folder)
         if names is None:
             names = self._folder_lookups[folder] = set()
         if len(names) >= LIST_AFTER_LOOKUPS:
-            return False  # listed already, or too big to list: one by one
-        names.add(path)
-        if len(names) < LIST_AFTER_LOOKUPS or folder in self._listings:
-            return False
-        # Bounded: a folder of a million keys is not worth listing for a few names.
+            return  # listed already, or too big to list: one by one
+        for path in paths:
+            names.add(path)
+            if len(names) >= LIST_AFTER_LOOKUPS:
+                break
+        else:
+            return
         await self._flight.run(("list", folder), lambda: self._fetch_listing(folder, max_pages=LIST_MAX_PAGES))
-        return folder in self._listings
 
     async def _fetch_stat(self, path: str) -> ObjectInfo:
         self.stats["stats"] += 1

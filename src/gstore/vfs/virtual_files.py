@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -54,8 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Parts in one folder from which listing the folder beats a HEAD per part.
-LIST_PARTS_THRESHOLD = 4
 #: Diff outputs kept in memory, in bytes (a diff is computed once per pair of versions).
 DIFF_CACHE_BYTES = 64 * 1024 * 1024
 
@@ -184,12 +181,14 @@ class VirtualFiles:
         raise _err(errno.EINVAL, f"{path}: only files and versions can be parts of a virtual file")
 
     async def _sources(self, paths: list[str] | tuple[str, ...]) -> list[Source]:
-        """Sources of many parts: a folder holding many of them is listed once
-        (one LIST per 1,000 names) rather than asked one HEAD per part."""
-        per_folder = Counter(parent_path(p) for p in paths if self.parse(p) is None)
-        for folder, count in per_folder.items():
-            if count >= LIST_PARTS_THRESHOLD:
-                await self._fs.metadata.list_dir(folder)
+        """Sources of many parts; the metadata cache is told first, so a folder
+        holding many of them is listed once rather than asked one HEAD per part."""
+        per_folder: dict[str, list[str]] = {}
+        for path in paths:
+            if self.parse(path) is None:
+                per_folder.setdefault(parent_path(path), []).append(path)
+        for folder, names in per_folder.items():
+            await self._fs.metadata.expect_lookups(folder, names)
         return [await self.source(p) for p in paths]
 
     async def read_source(self, source: Source, offset: int, size: int) -> bytes:

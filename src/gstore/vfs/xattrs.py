@@ -74,7 +74,7 @@ class Xattrs:
             return names
         if info.etag:
             names.append(ETAG)
-        if (info.version_id and info.version_id != "null") or VERSION_ID in await self._remote_extra(inode, info):
+        if (info.version_id and info.version_id != "null") or await self._has_version_id(inode, info):
             names.append(VERSION_ID)
         return names
 
@@ -222,11 +222,13 @@ class Xattrs:
             return None
         return await fs.metadata.stat(inode.path)
 
-    async def _remote_extra(self, inode: Inode, info: ObjectInfo) -> set[str]:
+    async def _has_version_id(self, inode: Inode, info: ObjectInfo) -> bool:
+        """Whether the object has a version id; listings do not say, a HEAD does
+        (asked only of backends that keep versions)."""
         if self._fs.virtual_ref(inode) is not None or not hasattr(self._fs.backend, "list_versions"):
-            return set()
+            return False
         head = await self._head(inode.path, info)
-        return {VERSION_ID} if head.version_id and head.version_id != "null" else set()
+        return bool(head.version_id and head.version_id != "null")
 
     async def _head(self, path: str, info: ObjectInfo) -> ObjectInfo:
         """The object's full metadata (Content-Type, VersionId), remembered per version."""
