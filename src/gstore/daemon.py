@@ -203,15 +203,8 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
     import pyfuse3
 
     from gstore.backends import make_backend
-    from gstore.cache.blockstore import BlockStore
-    from gstore.cache.reader import BlockReader
+    from gstore.core import build_core
     from gstore.fuse_ops import Operations, mount_options
-    from gstore.vfs.filesystem import FileSystem
-    from gstore.virtual import VirtualNames
-    from gstore.vfs.metadata import MetadataCache
-    from gstore.vfs.mtimes import MtimeStore
-    from gstore.write.staging import StagingArea
-    from gstore.write.writeback import ConflictPolicy, WriteBack
 
     options = request.options
     spec = request.backend
@@ -236,46 +229,10 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
     except OSError as exc:
         raise StartupError(redactor.redact(str(exc.strerror or exc))) from exc
 
-    store = BlockStore(state_dir / "blocks", options.cache_size)
-    metadata = MetadataCache(
-        backend,
-        attr_ttl=options.attr_ttl,
-        dir_ttl=options.dir_cache_ttl,
-        negative_ttl=options.negative_ttl,
-        max_entries=options.metadata_entries,
-        mtimes=MtimeStore(state_dir / "mtimes.sqlite"),
-    )
-    reader = BlockReader(
-        store,
-        backend,
-        block_size=options.block_size,
-        readahead=options.readahead,
-        fetch_concurrency=options.fetch_concurrency,
-    )
-    writeback = staging = None
-    if not options.read_only:
-        staging = StagingArea(state_dir / "staging")
-    fs = FileSystem(backend, metadata, reader, attr_ttl=options.attr_ttl, staging=staging,
-                    reserve_space=store.reserve,
-                    virtual_names=VirtualNames(options.concat_dir, options.diff_dir, options.versions_dir))
-    if staging is not None:
-        writeback = WriteBack(
-            backend, staging, read_base=fs.read_base, on_uploaded=fs.uploaded,
-            delay=options.write_back_delay, conflict_policy=ConflictPolicy(options.conflict),
-        )
-        fs.writeback = writeback
-        recovered = staging.load()
-        for staged in recovered:
-            writeback.adopt(staged)
-            writeback.schedule(staged, 0)
-            fs._account(staged.size)  # noqa: SLF001 - startup accounting
-        if recovered:
-            log.warning("%d file(s) written before the last stop were not uploaded yet; uploading them now: %s",
-                        len(recovered), ", ".join(s.path for s in recovered[:10]) + (" ..." if len(recovered) > 10 else ""))
-        orphans = staging.orphans({s.id for s in recovered})
-        for orphan in orphans:
-            log.warning("staging file %s has no journal record (a crash while it was being created); "
-                        "left in place", orphan)
+    core = build_core(backend, state_dir, options)
+    fs, store, reader, metadata, writeback = core.fs, core.store, core.reader, core.metadata, core.writeback
+    if writeback is not None:
+        core.recover()
     from gstore.fuse_ops import RECENT_ERRORS
     from gstore.status import build_status
     from gstore.vfs.control import ControlFiles
@@ -320,9 +277,7 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
     stopping = _Stopping()
     try:
         async with trio.open_nursery() as nursery:
-            reader.attach(nursery)
-            if writeback is not None:
-                await nursery.start(writeback.run)
+            await nursery.start(core.run)
             nursery.start_soon(_handle_signals, stopping, writeback, options.drain_timeout, tracer)
             nursery.start_soon(_announce_ready, request, startup, not options.foreground, spec.display())
             interval = systemd.watchdog_interval()

@@ -108,7 +108,9 @@ class Operations(pyfuse3.Operations):
         attrs.st_mode = self._dir_mode if info.is_dir else self._file_mode
         if inode.virtual:  # computed, read-only: no write bits
             attrs.st_mode &= ~0o222
-        attrs.st_nlink = 1  # "unknown": keeps find(1) from trusting a subdirectory count
+        # 1 is "unknown" for folders (find(1) does not trust a subdirectory count); 0 for a
+        # file unlinked while open (fstat on its descriptor).
+        attrs.st_nlink = 0 if inode.unlinked else 1
         attrs.st_uid, attrs.st_gid = self._uid, self._gid
         attrs.st_size = info.size
         attrs.st_blksize = 128 * 1024
@@ -212,7 +214,7 @@ class Operations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         with _errors("release", fh):
-            self.fs.release(fh)
+            await self.fs.release(fh)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()

@@ -1,10 +1,29 @@
-"""Backends: the storage the mount shows, behind one small async protocol."""
+"""Backends: the storage the mount shows, behind typed async protocols.
+
+:class:`StorageBackend` (see :mod:`gstore.backends.base`) is what the mount
+core receives; ``backend.capabilities`` says which optional features
+(conditional writes, multipart, versions, ...) it has.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from gstore.backends.base import Backend, Listing, ObjectInfo
+from gstore.backends.base import (
+    Backend,
+    Capabilities,
+    ContentTypeBackend,
+    HealthReporting,
+    Listing,
+    MultipartBackend,
+    NotSupportedError,
+    ObjectInfo,
+    ReadingBackend,
+    StorageBackend,
+    UploadedPart,
+    VersionsBackend,
+    WritingBackend,
+)
 from gstore.backends.resilience import ResiliencePolicy, ResilientBackend
 
 
@@ -18,7 +37,7 @@ def make_backend(
     breaker_threshold: int | None = None,
     breaker_cooldown: float | None = None,
     resilient: bool = True,
-) -> Backend:
+) -> StorageBackend:
     """Create the backend for a mount, wrapped in retries and a circuit breaker.
 
     ``request_timeout`` bounds one operation (retries included); ``None``
@@ -30,7 +49,7 @@ def make_backend(
     thread when the first async filesystem is created, and that thread does
     not survive a fork.
     """
-    import fsspec
+    import fsspec  # type: ignore[import-untyped]
 
     opts = dict(options)
     opts.setdefault("skip_instance_cache", True)
@@ -51,7 +70,7 @@ def make_backend(
         fs = fsspec.filesystem("s3", **opts)
         if resilient:
             fs.retries = 1  # s3fs's own retry loop (a class attribute, not an option)
-        inner: Any = S3Backend(fs, root, request_timeout=request_timeout)
+        inner: StorageBackend = S3Backend(fs, root, request_timeout=request_timeout)
     else:
         from gstore.backends.generic import FsspecBackend
 
@@ -86,4 +105,21 @@ def resilience_policy(
     )
 
 
-__all__ = ["Backend", "Listing", "ObjectInfo", "ResilientBackend", "make_backend", "resilience_policy"]
+__all__ = [
+    "Backend",
+    "Capabilities",
+    "ContentTypeBackend",
+    "HealthReporting",
+    "Listing",
+    "MultipartBackend",
+    "NotSupportedError",
+    "ObjectInfo",
+    "ReadingBackend",
+    "ResilientBackend",
+    "StorageBackend",
+    "UploadedPart",
+    "VersionsBackend",
+    "WritingBackend",
+    "make_backend",
+    "resilience_policy",
+]

@@ -11,20 +11,28 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import posixpath
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from gstore.backends.base import (
+    Capabilities,
     Listing,
+    NoHealth,
     ObjectInfo,
+    UploadedPart,
     check_relative_path,
     join_key,
+    not_supported,
     posix_name_problem,
 )
 from gstore.backends.bridge import AsyncioBridge
 from gstore.errors import BackendError, as_backend_error
+
+if TYPE_CHECKING:
+    from gstore.backends.base import StorageBackend
+    from gstore.virtual.versions import ObjectVersion
 
 _ETAG_FIELDS = ("ETag", "etag", "md5Hash", "md5", "content_md5")
 _MTIME_FIELDS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
@@ -36,9 +44,8 @@ def _as_timestamp(value: Any) -> float:
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, _dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=_dt.timezone.utc)
-        return value.timestamp()
+        moment: _dt.datetime = value if value.tzinfo is not None else value.replace(tzinfo=_dt.timezone.utc)
+        return moment.timestamp()
     if isinstance(value, str):
         try:
             return _as_timestamp(_dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
@@ -62,8 +69,22 @@ def info_to_object(entry: Mapping[str, Any], name: str) -> ObjectInfo:
     )
 
 
-class FsspecBackend:
-    """A directory of any fsspec filesystem."""
+#: What any fsspec filesystem offers through this backend: plain whole-object
+#: writes (no preconditions, no parts, no server-side range copies), no versions,
+#: no Content-Type or user metadata. Files too large to hold in memory go up
+#: with ``put_local_file`` (fsspec's ``put_file`` streams them).
+FSSPEC_CAPABILITIES = Capabilities(local_file_upload=True)
+
+
+class FsspecBackend(NoHealth):
+    """A directory of any fsspec filesystem.
+
+    Implements all of :class:`~gstore.backends.base.StorageBackend`; the
+    features in which fsspec gives no guarantee (see ``FSSPEC_CAPABILITIES``)
+    raise ``ENOTSUP``.
+    """
+
+    capabilities: Capabilities = FSSPEC_CAPABILITIES
 
     def __init__(
         self, fs: Any, protocol: str, root: str, *, request_timeout: float | None = None
@@ -157,11 +178,15 @@ class FsspecBackend:
 
     # -- writes ------------------------------------------------------------------------
 
-    supports_server_copy = False
     min_copy_part = 0
 
+    @property
+    def supports_server_copy(self) -> bool:
+        """Deprecated: ``capabilities.server_copy``."""
+        return self.capabilities.server_copy
+
     def part_size(self, size: int) -> int:
-        return max(size, 1)
+        return max(size, 1)  # no multipart: the whole object is one part
 
     async def put_bytes(
         self,
@@ -169,14 +194,19 @@ class FsspecBackend:
         data: bytes,
         *,
         content_type: str | None = None,
-        metadata: dict[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
         if_match: str | None = None,
         if_none_match: bool = False,
     ) -> ObjectInfo:
+        # content_type and metadata are hints fsspec has nowhere to keep; a
+        # precondition is refused rather than dropped (it could lose a change).
+        self.capabilities.require_preconditions(
+            f"put {path}", self.display, if_match=if_match, if_none_match=if_none_match)
         await self._do("pipe_file", self._full(path), data)
         return await self.stat(path)
 
     async def put_local_file(self, path: str, local_path: str) -> ObjectInfo:
+        self.capabilities.require("local_file_upload", f"put {path}", self.display)
         await self._do("put_file", local_path, self._full(path))
         return await self.stat(path)
 
@@ -215,3 +245,44 @@ class FsspecBackend:
             rel = rel[len(strip) + 1 :] if strip else rel
             out.append(info_to_object(entry, rel))
         return out
+
+    # -- features fsspec does not offer (FSSPEC_CAPABILITIES says so) ----------------------
+
+    async def start_multipart(
+        self, path: str, *, content_type: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> str:
+        raise not_supported("multipart", f"start multipart upload of {path}", self.display)
+
+    async def upload_part(self, path: str, upload_id: str, number: int, data: bytes) -> UploadedPart:
+        raise not_supported("multipart", f"upload part {number} of {path}", self.display)
+
+    async def copy_part(
+        self, path: str, upload_id: str, number: int, source_path: str, source: ObjectInfo, start: int, end: int
+    ) -> UploadedPart:
+        raise not_supported("multipart", f"copy part {number} of {path}", self.display)
+
+    async def complete_multipart(
+        self,
+        path: str,
+        upload_id: str,
+        parts: Sequence[UploadedPart],
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> None:
+        raise not_supported("multipart", f"complete multipart upload of {path}", self.display)
+
+    async def abort_multipart(self, path: str, upload_id: str) -> None:
+        raise not_supported("multipart", f"abort multipart upload of {path}", self.display)
+
+    async def list_versions(self, path: str) -> list[ObjectVersion]:
+        raise not_supported("versions", f"list versions of {path}", self.display)
+
+    async def set_content_type(self, path: str, content_type: str) -> ObjectInfo:
+        raise not_supported("content_type", f"set the Content-Type of {path}", self.display)
+
+
+if TYPE_CHECKING:  # the static proof that the class implements the whole protocol
+
+    def _implements(backend: FsspecBackend) -> StorageBackend:
+        return backend

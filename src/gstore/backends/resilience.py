@@ -1,7 +1,10 @@
 """Retries, deadlines and a circuit breaker around any backend.
 
 :class:`ResilientBackend` implements the same protocol as the backend it wraps
-(see :mod:`gstore.backends.base`); every layer above it is unchanged.
+(:class:`~gstore.backends.base.StorageBackend`), every method explicitly, and
+passes the inner backend's ``capabilities`` through: a call the backend does
+not support fails with ``ENOTSUP`` here, before the breaker or the counters
+see it.
 
 * **Reads retry.** ``stat``, ``head``, ``read_range``, ``list_dir`` and
   ``walk`` are side-effect free: a *transient* failure (timeout, 5xx,
@@ -16,6 +19,9 @@
 * **Writes do not retry here.** A PUT or a multipart step whose response was
   lost may have been applied; the write-back queue owns that decision (it
   retries forever with its own backoff and checks the remote state first).
+  Each write (and ``list_versions``, ``set_content_type``) is one attempt,
+  counted by the breaker, with no deadline from this layer: the backend bounds
+  it (S3: at least 600 s for PUTs, parts, completes and copies).
 * **Circuit breaker.** ``breaker_threshold`` consecutive transient failures
   (of any operation) open the circuit: every call fails at once with ``EIO``
   instead of piling requests on a dead backend. A background probe (the
@@ -28,17 +34,29 @@
 from __future__ import annotations
 
 import errno
-import inspect
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from gstore.backends.base import (
+    Capabilities,
+    Feature,
+    Listing,
+    ObjectInfo,
+    StorageBackend,
+    UploadedPart,
+)
 from gstore.errors import BackendError, classify
+
+if TYPE_CHECKING:
+    from gstore.virtual.versions import ObjectVersion
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +184,7 @@ class ResilientBackend:
 
     def __init__(
         self,
-        inner: Any,
+        inner: StorageBackend,
         policy: ResiliencePolicy | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -186,8 +204,14 @@ class ResilientBackend:
         self._prober_running = False
 
     @property
-    def inner(self) -> Any:
+    def inner(self) -> StorageBackend:
+        """The backend below the retry layer."""
         return self._inner
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # Read through each time: the inner backend may learn more after a probe.
+        return self._inner.capabilities
 
     def add_listener(self, callback: Callable[[str], None]) -> None:
         self.breaker.add_listener(callback)
@@ -203,19 +227,7 @@ class ResilientBackend:
             "deadline_s": self.policy.deadline,
         }
 
-    # -- delegation ------------------------------------------------------------------
-
-    def __getattr__(self, name: str) -> Any:
-        # Only called for attributes not defined here: writes and backend specifics.
-        attr = getattr(self._inner, name)
-        if name.startswith("_") or not inspect.iscoroutinefunction(attr):
-            return attr
-
-        async def guarded(*args: Any, **kwargs: Any) -> Any:
-            return await self._once(name, attr, args, kwargs)
-
-        guarded.__name__ = name
-        return guarded
+    # -- reading: side-effect free, retried --------------------------------------------
 
     def cache_key(self, path: str) -> str:
         return self._inner.cache_key(path)
@@ -227,23 +239,22 @@ class ResilientBackend:
     async def aclose(self) -> None:
         await self._inner.aclose()
 
-    async def stat(self, path: str) -> Any:
+    async def stat(self, path: str) -> ObjectInfo:
         return await self._retrying("stat", self._inner.stat, (path,), {})
 
-    async def head(self, path: str) -> Any:
+    async def head(self, path: str) -> ObjectInfo | None:
         return await self._retrying("head", self._inner.head, (path,), {})
 
-    async def list_dir(self, path: str, **kwargs: Any) -> Any:
-        return await self._retrying("list_dir", self._inner.list_dir, (path,), kwargs)
+    async def list_dir(self, path: str, *, max_pages: int | None = None) -> Listing | None:
+        return await self._retrying("list_dir", self._inner.list_dir, (path,), {"max_pages": max_pages})
 
-    async def walk(self, path: str) -> Any:
+    async def walk(self, path: str) -> list[ObjectInfo]:
         return await self._retrying("walk", self._inner.walk, (path,), {})
 
-    async def read_range(self, path: str, start: int, end: int, expect: Any) -> bytes:
-        data = await self._retrying("read_range", self._checked_read, (path, start, end, expect), {})
-        return data
+    async def read_range(self, path: str, start: int, end: int, expect: ObjectInfo) -> bytes:
+        return await self._retrying("read_range", self._checked_read, (path, start, end, expect), {})
 
-    async def _checked_read(self, path: str, start: int, end: int, expect: Any) -> bytes:
+    async def _checked_read(self, path: str, start: int, end: int, expect: ObjectInfo) -> bytes:
         data = await self._inner.read_range(path, start, end, expect)
         if len(data) != max(0, end - start):
             # A body cut short must never become a block: retried like a reset.
@@ -251,9 +262,113 @@ class ResilientBackend:
                                transient=True)
         return data
 
+    # -- writing: one attempt each, counted by the breaker ---------------------------------
+
+    async def put_bytes(
+        self,
+        path: str,
+        data: bytes,
+        *,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> ObjectInfo:
+        self.capabilities.require_preconditions(
+            f"put {path}", self.display, if_match=if_match, if_none_match=if_none_match)
+        return await self._once("put_bytes", self._inner.put_bytes, (path, data), {
+            "content_type": content_type, "metadata": metadata, "if_match": if_match,
+            "if_none_match": if_none_match,
+        })
+
+    async def put_local_file(self, path: str, local_path: str) -> ObjectInfo:
+        self._require("local_file_upload", f"put {path}")
+        return await self._once("put_local_file", self._inner.put_local_file, (path, local_path), {})
+
+    async def delete(self, path: str) -> None:
+        await self._once("delete", self._inner.delete, (path,), {})
+
+    async def copy(self, source_path: str, target_path: str, source: ObjectInfo) -> None:
+        await self._once("copy", self._inner.copy, (source_path, target_path, source), {})
+
+    async def make_dir(self, path: str) -> None:
+        await self._once("make_dir", self._inner.make_dir, (path,), {})
+
+    async def remove_dir_marker(self, path: str) -> None:
+        await self._once("remove_dir_marker", self._inner.remove_dir_marker, (path,), {})
+
+    # -- multipart -------------------------------------------------------------------------
+
+    @property
+    def min_copy_part(self) -> int:
+        return self._inner.min_copy_part
+
+    @property
+    def supports_server_copy(self) -> bool:
+        """Deprecated: ``capabilities.server_copy``."""
+        return self.capabilities.server_copy
+
+    def part_size(self, size: int) -> int:
+        return self._inner.part_size(size)
+
+    async def start_multipart(
+        self, path: str, *, content_type: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> str:
+        self._require("multipart", f"start multipart upload of {path}")
+        return await self._once("start_multipart", self._inner.start_multipart, (path,),
+                                {"content_type": content_type, "metadata": metadata})
+
+    async def upload_part(self, path: str, upload_id: str, number: int, data: bytes) -> UploadedPart:
+        self._require("multipart", f"upload part {number} of {path}")
+        return await self._once("upload_part", self._inner.upload_part, (path, upload_id, number, data), {})
+
+    async def copy_part(
+        self, path: str, upload_id: str, number: int, source_path: str, source: ObjectInfo, start: int, end: int
+    ) -> UploadedPart:
+        self._require("multipart", f"copy part {number} of {path}")
+        self._require("server_copy", f"copy part {number} of {path}")
+        return await self._once("copy_part", self._inner.copy_part,
+                                (path, upload_id, number, source_path, source, start, end), {})
+
+    async def complete_multipart(
+        self,
+        path: str,
+        upload_id: str,
+        parts: Sequence[UploadedPart],
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> None:
+        self._require("multipart", f"complete multipart upload of {path}")
+        self.capabilities.require_preconditions(
+            f"complete multipart upload of {path}", self.display, if_match=if_match, if_none_match=if_none_match)
+        await self._once("complete_multipart", self._inner.complete_multipart, (path, upload_id, parts),
+                         {"if_match": if_match, "if_none_match": if_none_match})
+
+    async def abort_multipart(self, path: str, upload_id: str) -> None:
+        self._require("multipart", f"abort multipart upload of {path}")
+        await self._once("abort_multipart", self._inner.abort_multipart, (path, upload_id), {})
+
+    # -- versions, content type ------------------------------------------------------------
+
+    async def list_versions(self, path: str) -> list[ObjectVersion]:
+        # One attempt, as before the protocols were explicit (it was forwarded as a write).
+        self._require("versions", f"list versions of {path}")
+        return await self._once("list_versions", self._inner.list_versions, (path,), {})
+
+    async def set_content_type(self, path: str, content_type: str) -> ObjectInfo:
+        self._require("content_type", f"set the Content-Type of {path}")
+        return await self._once("set_content_type", self._inner.set_content_type, (path, content_type), {})
+
+    def _require(self, feature: Feature, operation: str) -> None:
+        """ENOTSUP before the breaker sees anything: an unsupported call says nothing about health."""
+        self.capabilities.require(feature, operation, self.display)
+
     # -- the machinery ---------------------------------------------------------------
 
-    async def _once(self, name: str, fn: Callable[..., Awaitable[Any]], args: tuple, kwargs: dict) -> Any:
+    async def _once(
+        self, name: str, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
         """One attempt, counted by the breaker (writes: the caller decides about retries)."""
         what = f"{name} {args[0] if args else ''}".strip()
         self.breaker.check(what)
@@ -275,7 +390,9 @@ class ResilientBackend:
             self.breaker.success()  # a definite answer: the backend is there
         return transient
 
-    async def _retrying(self, name: str, fn: Callable[..., Awaitable[Any]], args: tuple, kwargs: dict) -> Any:
+    async def _retrying(
+        self, name: str, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
         policy = self.policy
         what = f"{name} {args[0] if args else ''}".strip()
         started = self._clock()
@@ -361,3 +478,9 @@ class ResilientBackend:
                     self.breaker.success()
         finally:
             self._prober_running = False
+
+
+if TYPE_CHECKING:  # the static proof that the class implements the whole protocol
+
+    def _implements(backend: ResilientBackend) -> StorageBackend:
+        return backend

@@ -14,21 +14,29 @@ import asyncio
 import errno
 import logging
 import time
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
 from gstore.backends.base import (
+    Capabilities,
     Listing,
+    NoHealth,
     ObjectInfo,
+    UploadedPart,
     check_relative_path,
     join_key,
+    not_supported,
     posix_name_problem,
 )
 from gstore.backends.bridge import AsyncioBridge
 from gstore.errors import BackendError, StaleObjectError, as_backend_error, classify
 from gstore.virtual.versions import ObjectVersion
+
+if TYPE_CHECKING:
+    from gstore.backends.base import StorageBackend
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,21 @@ MAX_PARTS = 10_000
 #: Least time a write request (PUT, part upload, multipart complete, copy) may take.
 WRITE_TIMEOUT = 600.0
 
+#: Everything, except ``put_local_file`` (large files go up in parts instead).
+#: ``conditional_writes`` is declared, not probed: AWS honours If-Match and
+#: If-None-Match on PutObject and CompleteMultipartUpload; an S3-compatible
+#: store that does not may be detected at mount time later (replace the
+#: instance's ``capabilities`` with ``dataclasses.replace``).
+S3_CAPABILITIES = Capabilities(
+    conditional_writes=True,
+    server_copy=True,
+    multipart=True,
+    versions=True,
+    content_type=True,
+    user_metadata=True,
+    local_file_upload=False,
+)
+
 
 def part_size_for(size: int, preferred: int = 8 * 1024 * 1024) -> int:
     """A part size S3 accepts for an object of ``size`` bytes (at most 10,000 parts)."""
@@ -90,8 +113,22 @@ def _md5_b64(data: bytes) -> str:
 class S3Writes:
     """Write operations of :class:`S3Backend` (mixed in below)."""
 
-    supports_server_copy = True
+    if TYPE_CHECKING:  # provided by S3Backend
+        bucket: str
+        display: str
+        write_timeout: float
+        capabilities: Capabilities
+
+        def key_of(self, path: str) -> str: ...
+
+        async def _call(self, method: str, *, timeout: float | None = None, **kwargs: Any) -> Any: ...
+
     min_copy_part = MIN_PART
+
+    @property
+    def supports_server_copy(self) -> bool:
+        """Deprecated: ``capabilities.server_copy``."""
+        return self.capabilities.server_copy
 
     def part_size(self, size: int) -> int:
         return part_size_for(size)
@@ -102,16 +139,18 @@ class S3Writes:
         data: bytes,
         *,
         content_type: str | None = None,
-        metadata: dict[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
         if_match: str | None = None,
         if_none_match: bool = False,
     ) -> ObjectInfo:
         """One PutObject; the server verifies Content-MD5, the caller gets the new ETag."""
+        self.capabilities.require_preconditions(
+            f"put {path}", self.display, if_match=if_match, if_none_match=if_none_match)
         kwargs: dict[str, Any] = {"Key": self.key_of(path), "Body": data, "ContentMD5": _md5_b64(data)}
         if content_type:
             kwargs["ContentType"] = content_type
         if metadata:
-            kwargs["Metadata"] = metadata
+            kwargs["Metadata"] = dict(metadata)
         if if_match:
             kwargs["IfMatch"] = f'"{if_match}"'
         if if_none_match:
@@ -127,25 +166,31 @@ class S3Writes:
             content_type=content_type,
         )
 
-    async def start_multipart(self, path: str, *, content_type: str | None, metadata: dict[str, str] | None) -> str:
+    async def put_local_file(self, path: str, local_path: str) -> ObjectInfo:
+        # Large files go up in parts (capabilities.multipart) instead.
+        raise not_supported("local_file_upload", f"put {path}", self.display)
+
+    async def start_multipart(
+        self, path: str, *, content_type: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> str:
         kwargs: dict[str, Any] = {"Key": self.key_of(path)}
         if content_type:
             kwargs["ContentType"] = content_type
         if metadata:
-            kwargs["Metadata"] = metadata
+            kwargs["Metadata"] = dict(metadata)
         response = await self._call("create_multipart_upload", **kwargs)
         return str(response["UploadId"])
 
-    async def upload_part(self, path: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+    async def upload_part(self, path: str, upload_id: str, number: int, data: bytes) -> UploadedPart:
         response = await self._call(
             "upload_part", timeout=self.write_timeout, Key=self.key_of(path), UploadId=upload_id, PartNumber=number, Body=data,
             ContentMD5=_md5_b64(data),
         )
-        return {"PartNumber": number, "ETag": response["ETag"]}
+        return UploadedPart(number, str(response["ETag"]))
 
     async def copy_part(
         self, path: str, upload_id: str, number: int, source_path: str, source: ObjectInfo, start: int, end: int
-    ) -> dict[str, Any]:
+    ) -> UploadedPart:
         copy_source: dict[str, str] = {"Bucket": self.bucket, "Key": self.key_of(source_path)}
         kwargs: dict[str, Any] = {}
         if source.version_id and source.version_id != "null":
@@ -156,11 +201,19 @@ class S3Writes:
             "upload_part_copy", timeout=self.write_timeout, Key=self.key_of(path), UploadId=upload_id, PartNumber=number,
             CopySource=copy_source, CopySourceRange=f"bytes={start}-{end - 1}", **kwargs,
         )
-        return {"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]}
+        return UploadedPart(number, str(response["CopyPartResult"]["ETag"]))
 
     async def complete_multipart(
-        self, path: str, upload_id: str, parts: list[dict[str, Any]], *, if_match: str | None, if_none_match: bool
+        self,
+        path: str,
+        upload_id: str,
+        parts: Sequence[UploadedPart],
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
     ) -> None:
+        self.capabilities.require_preconditions(
+            f"complete multipart upload of {path}", self.display, if_match=if_match, if_none_match=if_none_match)
         kwargs: dict[str, Any] = {}
         if if_match:
             kwargs["IfMatch"] = f'"{if_match}"'
@@ -168,7 +221,9 @@ class S3Writes:
             kwargs["IfNoneMatch"] = "*"
         await self._call(
             "complete_multipart_upload", timeout=self.write_timeout, Key=self.key_of(path), UploadId=upload_id,
-            MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])}, **kwargs,
+            MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": p.etag}
+                                       for p in sorted(parts, key=lambda p: p.number)]},
+            **kwargs,
         )
 
     async def abort_multipart(self, path: str, upload_id: str) -> None:
@@ -192,7 +247,7 @@ class S3Writes:
             upload_id = await self.start_multipart(target_path, content_type=source.content_type, metadata=None)
             try:
                 size = self.part_size(source.size)
-                parts = []
+                parts: list[UploadedPart] = []
                 for number, start in enumerate(range(0, source.size, size), start=1):
                     end = min(source.size, start + size)
                     parts.append(await self.copy_part(target_path, upload_id, number, source_path, source, start, end))
@@ -284,8 +339,12 @@ class S3Writes:
         return info
 
 
-class S3Backend(S3Writes):
-    """A bucket, or a prefix inside one, seen through s3fs."""
+class S3Backend(S3Writes, NoHealth):
+    """A bucket, or a prefix inside one, seen through s3fs.
+
+    Implements all of :class:`~gstore.backends.base.StorageBackend`; see
+    ``S3_CAPABILITIES`` for what it declares.
+    """
 
     def __init__(self, fs: Any, root: str, *, request_timeout: float | None = None) -> None:
         root = root.strip("/")
@@ -305,6 +364,7 @@ class S3Backend(S3Writes):
         self._endpoint = redact_url(endpoint) if endpoint else None
         self.display = f"s3://{root}" + (f" at {self._endpoint}" if self._endpoint else "")
         self.cache_namespace = f"s3|{self._endpoint or 'aws'}|{self.bucket}"
+        self.capabilities = S3_CAPABILITIES
         self._versioned: bool | None = None
 
     # -- helpers -----------------------------------------------------------------
@@ -321,7 +381,7 @@ class S3Backend(S3Writes):
         except Exception as exc:  # noqa: BLE001 - backends raise OSError only
             raise as_backend_error(exc, f"{method} {kwargs.get('Key') or kwargs.get('Prefix') or self.bucket}")
 
-    # -- Backend protocol ----------------------------------------------------------
+    # -- reading (ReadingBackend; head and walk are above) ---------------------------
 
     async def probe(self) -> None:
         try:
@@ -441,7 +501,8 @@ class S3Backend(S3Writes):
         response = await self._fs._call_s3("get_object", Bucket=self.bucket, **kwargs)
         body = response["Body"]
         try:
-            return await body.read()
+            data: bytes = await body.read()
+            return data
         finally:
             body.close()
 
@@ -459,3 +520,9 @@ class S3Backend(S3Writes):
             await s3.__aexit__(None, None, None)
             self._fs._s3 = None
         await asyncio.sleep(0)
+
+
+if TYPE_CHECKING:  # the static proof that the class implements the whole protocol
+
+    def _implements(backend: S3Backend) -> StorageBackend:
+        return backend

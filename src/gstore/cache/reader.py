@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from gstore.backends.base import Backend, ObjectInfo
+from gstore.backends.base import ObjectInfo, ReadingBackend
 from gstore.cache.blockstore import BlockStore
 from gstore.errors import BackendError, is_transient
 
@@ -72,7 +72,7 @@ class BlockReader:
     def __init__(
         self,
         store: BlockStore,
-        backend: Backend,
+        backend: ReadingBackend,
         *,
         block_size: int,
         readahead: int,
@@ -99,7 +99,7 @@ class BlockReader:
         self._nursery = nursery
 
     def open_stream(self, path: str, info: ObjectInfo) -> ReadStream:
-        key = object_cache_key(self._backend.cache_key(path), info.identity)  # type: ignore[attr-defined]
+        key = object_cache_key(self._backend.cache_key(path), info.identity)
         return ReadStream(path=path, info=info, cache_key=key)
 
     # -- reads ---------------------------------------------------------------------

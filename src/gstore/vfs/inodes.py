@@ -36,6 +36,11 @@ class Inode:
     open_identities: dict[str, int] = field(default_factory=dict)
     # A hidden virtual file or directory (.concat, .diff, .versions): read-only, computed.
     virtual: bool = False
+    # No longer reachable by its path (unlinked or replaced): st_nlink 0 for open handles.
+    unlinked: bool = False
+    # The pending file (gstore.write.staging.StagedFile) this inode's open handles share,
+    # kept so that an unlinked-but-open file still answers fstat. Set by the namespace layer.
+    staged: object = None
 
 
 def path_inode_number(path: str, attempt: int = 0) -> int:
@@ -128,6 +133,7 @@ class InodeTable:
         """Unlink ``inode`` from its path; it stays reachable by number until forgotten."""
         if self._by_path.get(inode.path) is inode:
             del self._by_path[inode.path]
+        inode.unlinked = True
 
     def rename_path(self, old: str, new: str) -> None:
         """Move ``old`` (and everything below it) to ``new``; a live inode at ``new`` is detached.

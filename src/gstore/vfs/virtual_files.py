@@ -49,7 +49,7 @@ from gstore.virtual.names import MANIFEST_MAX_BYTES
 from gstore.write.staging import StagedFile
 
 if TYPE_CHECKING:
-    from gstore.vfs.filesystem import FileSystem
+    from gstore.vfs.content import MountContent
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ class VirtualReader:
 class VirtualFiles:
     """``D/.concat/...``, ``D/.diff/...`` and ``D/.versions/...`` of one mount."""
 
-    def __init__(self, fs: FileSystem, names: VirtualNames, *, ttl: float,
+    def __init__(self, content: MountContent, names: VirtualNames, *, ttl: float,
                  diff_limit: int = DIFF_SIZE_LIMIT) -> None:
-        self._fs = fs
+        self._content = content
         self.names = names
         self._diff_limit = diff_limit
         self._versions: cachetools.TTLCache[str, VersionTable] = cachetools.TTLCache(
@@ -130,7 +130,7 @@ class VirtualFiles:
     async def stat(self, ref: VirtualRef) -> ObjectInfo:
         name = ref.path.rsplit("/", 1)[-1]
         if isinstance(ref, VirtualDirRef):
-            return ObjectInfo(name=name, is_dir=True, mtime=self._fs.mounted_at)
+            return ObjectInfo(name=name, is_dir=True, mtime=self._content.mounted_at)
         if isinstance(ref, VersionsDirRef):
             table = await self.versions(ref.target)
             newest = table.newest
@@ -158,7 +158,7 @@ class VirtualFiles:
         table = self._versions.get(target)
         if table is not None:
             return table
-        lister = getattr(self._fs.backend, "list_versions", None)
+        lister = getattr(self._content.backend, "list_versions", None)
         found = await lister(target) if lister is not None else None
         table = VersionTable(found or ())
         self._versions[target] = table
@@ -168,10 +168,10 @@ class VirtualFiles:
         """The file (or version) ``path`` names, with the version it is now."""
         ref = self.parse(path)
         if ref is None:
-            staged = self._fs._staged(path)  # noqa: SLF001 - same layer
+            staged = self._content.staged(path)
             if staged is not None:
                 return Source(path, path, staged.info(), staged)
-            info = await self._fs.metadata.stat(path)
+            info = await self._content.metadata.stat(path)
             if info.is_dir:
                 raise _err(errno.EISDIR, path)
             return Source(path, path, info)
@@ -188,15 +188,15 @@ class VirtualFiles:
             if self.parse(path) is None:
                 per_folder.setdefault(parent_path(path), []).append(path)
         for folder, names in per_folder.items():
-            await self._fs.metadata.expect_lookups(folder, names)
+            await self._content.metadata.expect_lookups(folder, names)
         return [await self.source(p) for p in paths]
 
     async def read_source(self, source: Source, offset: int, size: int) -> bytes:
         if source.staged is not None:
-            return await self._fs.read_staged(source.staged, offset, size)
+            return await self._content.read_staged(source.staged, offset, size)
         if source.stream is None:
-            source.stream = self._fs.reader.open_stream(source.read_path, source.info)
-        return await self._fs.reader.read(source.stream, offset, size)
+            source.stream = self._content.open_stream(source.read_path, source.info)
+        return await self._content.read_stream(source.stream, offset, size)
 
     async def read_whole(self, source: Source, limit: int) -> bytes:
         if source.info.size > limit:
@@ -238,7 +238,7 @@ class VirtualFiles:
         async def read(offset: int, size: int) -> bytes:
             return await read_concat(layout, offset, size, read_part)
 
-        mtime = max((s.info.mtime for s in sources), default=self._fs.mounted_at)
+        mtime = max((s.info.mtime for s in sources), default=self._content.mounted_at)
         return VirtualReader(layout.total_size, read), mtime
 
     async def _diff(self, ref: DiffRef) -> tuple[VirtualReader, float]:

@@ -32,10 +32,13 @@ from gstore.backends.base import ObjectInfo
 from gstore.virtual import ConcatManifestRef, ConcatRef, DiffRef, VersionRef, guess_mimetype, md5_from_etag
 from gstore.virtual import resolve_manifest
 from gstore.virtual.names import MANIFEST_MAX_BYTES
+from gstore.vfs.control import is_control_path
 from gstore.vfs.inodes import Inode
+from gstore.virtual import VirtualRef
 
 if TYPE_CHECKING:
-    from gstore.vfs.filesystem import FileSystem
+    from gstore.vfs.content import MountContent
+    from gstore.vfs.virtual_files import VirtualFiles
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +59,21 @@ def _err(code: int, what: str) -> OSError:
 class Xattrs:
     """Attribute requests of one mount, answered from metadata, the cache or a stream."""
 
-    def __init__(self, fs: FileSystem, *, ttl: float) -> None:
-        self._fs = fs
+    def __init__(self, content: MountContent, virtual: VirtualFiles, *, ttl: float) -> None:
+        self._content = content
+        self._virtual = virtual
         self._details: cachetools.TTLCache[tuple[str, str], ObjectInfo] = cachetools.TTLCache(
             maxsize=10_000, ttl=max(ttl, 0.001))
         self._hashing: dict[tuple[str, str], trio.Event] = {}
         self.md5_computed = 0  # objects hashed by streaming (for status and tests)
 
+    def _virtual_ref(self, inode: Inode) -> VirtualRef | None:
+        return self._virtual.parse(inode.path) if inode.virtual else None
+
     # -- the four requests ---------------------------------------------------------------
 
     async def names(self, inode: Inode) -> list[str]:
-        if inode.info.is_dir or self._fs.is_control(inode):
+        if inode.info.is_dir or is_control_path(inode.path):
             return []
         names = [MD5, MIMETYPE]
         info = await self._current(inode)
@@ -79,7 +86,7 @@ class Xattrs:
         return names
 
     async def get(self, inode: Inode, name: str) -> bytes:
-        if not name.startswith("user.") or name not in KNOWN or inode.info.is_dir or self._fs.is_control(inode):
+        if not name.startswith("user.") or name not in KNOWN or inode.info.is_dir or is_control_path(inode.path):
             raise _err(errno.ENODATA, name)
         if name == MD5:
             return (await self.md5(inode)).encode()
@@ -93,7 +100,7 @@ class Xattrs:
                 raise _err(errno.ENODATA, name)
             return info.etag.encode()
         version_id = info.version_id
-        if not version_id and self._fs.virtual_ref(inode) is None:
+        if not version_id and self._virtual_ref(inode) is None:
             version_id = (await self._head(inode.path, info)).version_id
         if not version_id or version_id == "null":
             raise _err(errno.ENODATA, name)
@@ -105,9 +112,9 @@ class Xattrs:
             # else is refused the way a filesystem without xattr support refuses
             # it, which cp -a and similar tools ignore silently.
             raise _err(errno.ENOTSUP, f"{name}: gstore only stores {MIMETYPE}")
-        if inode.info.is_dir or self._fs.is_control(inode):
+        if inode.info.is_dir or is_control_path(inode.path):
             raise _err(errno.ENOTSUP, inode.path)
-        if self._fs.virtual_ref(inode) is not None or self._fs.read_only:
+        if self._virtual_ref(inode) is not None or self._content.read_only:
             raise _err(errno.EROFS, inode.path)
         try:
             content_type = value.decode("ascii").strip()
@@ -115,7 +122,7 @@ class Xattrs:
             raise _err(errno.EINVAL, f"{MIMETYPE} must be ASCII, like text/plain") from None
         if len(content_type) > 255 or not _MIMETYPE_RE.fullmatch(content_type):
             raise _err(errno.EINVAL, f"{MIMETYPE}: {content_type!r} is not a MIME type like text/plain")
-        await self._fs.set_content_type(inode, content_type)
+        await self._content.set_content_type(inode.path, content_type)
         self.forget(inode.path)
 
     async def remove(self, inode: Inode, name: str) -> None:
@@ -130,20 +137,19 @@ class Xattrs:
     # -- values ----------------------------------------------------------------------------
 
     async def md5(self, inode: Inode) -> str:
-        fs = self._fs
-        ref = fs.virtual_ref(inode)
+        ref = self._virtual_ref(inode)
         if ref is not None:
             if isinstance(ref, VersionRef):
-                source = await fs.virtual.source(ref.path)
+                source = await self._virtual.source(ref.path)
                 return await self._remote_md5(source.read_path, source.info)
-            reader = await fs.virtual.open(ref)
+            reader = await self._virtual.open(ref)
             return await self._hash(reader.read, reader.size)
-        staged = fs._staged(inode.path)  # noqa: SLF001 - same layer
+        staged = self._content.staged(inode.path)
         if staged is not None:
             if staged.md5 and staged.uploaded_generation >= staged.generation:
                 return staged.md5
-            return await self._hash(lambda o, n: fs.read_staged(staged, o, n), staged.size)
-        info = await fs.metadata.stat(inode.path)
+            return await self._hash(lambda o, n: self._content.read_staged(staged, o, n), staged.size)
+        info = await self._content.metadata.stat(inode.path)
         return await self._remote_md5(inode.path, info)
 
     async def _remote_md5(self, path: str, info: ObjectInfo) -> str:
@@ -152,7 +158,7 @@ class Xattrs:
             return from_etag
         key = (path, info.etag or info.identity)
         while True:
-            known = self._fs.known_md5.get(key)
+            known = self._content.known_md5.get(key)
             if known is not None:
                 return known
             running = self._hashing.get(key)
@@ -161,9 +167,9 @@ class Xattrs:
             await running.wait()  # someone is hashing this version: share the result
         done = self._hashing[key] = trio.Event()
         try:
-            stream = self._fs.reader.open_stream(path, info)
-            digest = await self._hash(lambda o, n: self._fs.reader.read(stream, o, n), info.size)
-            self._fs.known_md5[key] = digest
+            stream = self._content.open_stream(path, info)
+            digest = await self._hash(lambda o, n: self._content.read_stream(stream, o, n), info.size)
+            self._content.known_md5[key] = digest
             self.md5_computed += 1
             log.info("md5 of %s computed by reading %d bytes (ETag %s is not an MD5)", path, info.size, info.etag)
             return digest
@@ -184,8 +190,7 @@ class Xattrs:
         return digest.hexdigest()
 
     async def mimetype(self, inode: Inode) -> str:
-        fs = self._fs
-        ref = fs.virtual_ref(inode)
+        ref = self._virtual_ref(inode)
         name = inode.path.rsplit("/", 1)[-1]
         if ref is not None:
             if isinstance(ref, DiffRef):
@@ -195,15 +200,15 @@ class Xattrs:
             if isinstance(ref, ConcatRef):
                 return guess_mimetype(ref.parts[0], None)
             if isinstance(ref, ConcatManifestRef):
-                manifest = await fs.virtual.source(ref.manifest)
-                text = await fs.virtual.read_whole(manifest, MANIFEST_MAX_BYTES)
-                parts = resolve_manifest(ref.base_dir, text, fs.virtual.names)
+                manifest = await self._virtual.source(ref.manifest)
+                text = await self._virtual.read_whole(manifest, MANIFEST_MAX_BYTES)
+                parts = resolve_manifest(ref.base_dir, text, self._virtual.names)
                 return guess_mimetype(parts[0], None) if parts else "application/octet-stream"
             return guess_mimetype(name, None)
-        staged = fs._staged(inode.path)  # noqa: SLF001 - same layer
+        staged = self._content.staged(inode.path)
         if staged is not None:
             return guess_mimetype(name, staged.content_type)
-        info = await fs.metadata.stat(inode.path)
+        info = await self._content.metadata.stat(inode.path)
         if info.content_type is None:
             info = await self._head(inode.path, info)
         return guess_mimetype(name, info.content_type)
@@ -212,20 +217,19 @@ class Xattrs:
 
     async def _current(self, inode: Inode) -> ObjectInfo | None:
         """The remote object's metadata, or None for pending and computed files."""
-        fs = self._fs
-        ref = fs.virtual_ref(inode)
+        ref = self._virtual_ref(inode)
         if ref is not None:
             if isinstance(ref, VersionRef):
-                return (await fs.virtual.source(ref.path)).info
+                return (await self._virtual.source(ref.path)).info
             return None
-        if fs._staged(inode.path) is not None:  # noqa: SLF001 - same layer
+        if self._content.staged(inode.path) is not None:
             return None
-        return await fs.metadata.stat(inode.path)
+        return await self._content.metadata.stat(inode.path)
 
     async def _has_version_id(self, inode: Inode, info: ObjectInfo) -> bool:
         """Whether the object has a version id; listings do not say, a HEAD does
         (asked only of backends that keep versions)."""
-        if self._fs.virtual_ref(inode) is not None or not hasattr(self._fs.backend, "list_versions"):
+        if self._virtual_ref(inode) is not None or not hasattr(self._content.backend, "list_versions"):
             return False
         head = await self._head(inode.path, info)
         return bool(head.version_id and head.version_id != "null")
@@ -236,7 +240,7 @@ class Xattrs:
         known = self._details.get(key)
         if known is not None:
             return known
-        head = getattr(self._fs.backend, "head", None)
+        head = getattr(self._content.backend, "head", None)
         found = await head(path) if head is not None else None
         if found is None:
             raise _err(errno.ENOENT, path)

@@ -75,9 +75,13 @@ class StagedFile:
     content_type: str | None = None
     generation: int = 0
     created: float = field(default_factory=time.time)
-    # Memory-only state.
-    writers: int = 0
-    unlinked: bool = False
+    # Memory-only state (owned by gstore.write.pending).
+    writers: int = 0  # open handles that may write
+    readers: int = 0  # open read-only handles sharing these bytes
+    unlinked: bool = False  # dropped: unlinked (maybe still open) or replaced; never uploaded
+    upload_started: bool = False  # an upload was sent at least once: an object may exist
+    persisted_generation: int = -1  # the generation whose data and record are on disk
+    published: ObjectInfo | None = None  # what the path shows once this file is retired
     uploaded_generation: int = -1  # the generation last confirmed by the backend
     attempts: int = 0
     last_error: str | None = None
@@ -153,6 +157,14 @@ class StagingArea:
         finally:
             os.close(fd)
         os.replace(temp, final)
+        self._sync_dir()
+
+    def remove_record(self, staged: StagedFile) -> None:
+        """Forget the journal record only: the bytes stay for handles still open."""
+        try:
+            os.unlink(self.root / f"{staged.id}.json")
+        except FileNotFoundError:
+            pass
         self._sync_dir()
 
     def remove(self, staged: StagedFile) -> None:

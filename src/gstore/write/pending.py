@@ -1,0 +1,630 @@
+"""Pending files: the one owner of every file with changes the backend does not have yet.
+
+Only this module creates, opens, writes, truncates, moves, discards and retires
+staged files and their journal records (:mod:`gstore.write.staging` is the
+storage under it, :mod:`gstore.write.uploader` sends one file,
+:mod:`gstore.write.scheduler` decides when). Everyone else asks.
+
+States of a path, and how it moves between them::
+
+    clean ──open(w)/create/truncate──▶ staged ──last writer closes──▶ due
+      ▲                                 ▲  │                            │
+      │                       write/open(w) │ unlink (holders > 0)      ▼
+      │                                 │  ▼                         uploading
+      │                                 │ unlinked-but-open             │
+      │                                 │  (detached: no path, no        │ confirmed
+      │                                 │   journal, bytes kept until    ▼
+      │                                 │   the last handle closes)   uploaded ── handles still
+      │                                 │                                │        open: stays
+      └───────────── retired: the last handle closed ◀───────────────────┘        staged
+
+* **staged**: in ``_by_path``; reads, sizes and listings of the path come from
+  it. Any number of handles (readers and writers, threads, processes) share the
+  one StagedFile of a path.
+* **due / uploading**: the scheduler runs :meth:`_upload_one` when no writer
+  holds it (or a flush/fsync asks); a write during an upload makes the result
+  stale (``generation`` moved on), so the file stays staged and goes up again.
+* **uploaded-but-open**: ``uploaded_generation == generation`` with handles
+  open: still answered locally (the same bytes the backend now has).
+* **retired**: no handle, upload confirmed: the StagedFile leaves ``_by_path``
+  and, in the same synchronous step, the ``published`` listeners put the
+  uploaded object's attributes in the metadata cache. The kernel therefore never
+  sees the size, the listing or the bytes step back to an older version.
+* **unlinked-but-open**: unlink with handles open detaches the file: it leaves
+  the namespace and the journal at once (never uploaded, not recovered after a
+  crash) and its bytes stay for the open handles until the last one closes.
+* **renamed-while-open**: the same StagedFile gets the new path; handles follow.
+
+Concurrency rules (everything runs on the trio thread; tasks interleave at
+every ``await``):
+* every method that changes which StagedFile a path has (``open_for_write``,
+  ``create``, ``truncate_path``, ``move``, ``drop``) must be called with the
+  path's lock held (``locks.hold(path)``, taken by the namespace layer,
+  :mod:`gstore.vfs.filesystem`); they re-check the table after each await only
+  where noted, because nobody else may change that path meanwhile;
+* ``write`` and the bookkeeping of ``release`` and ``_finish`` contain no
+  await between reading and changing state, so they need no lock;
+* ``ensure_local`` (filling bytes of the base version) runs without the lock,
+  from an upload or an open: after its fetch it fills only ranges still missing
+  *and* inside the current size, so a write or truncate meanwhile always wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import trio
+
+from gstore.backends.base import ObjectInfo
+from gstore.cache.reader import BlockReader
+from gstore.errors import StaleObjectError, classify
+from gstore.write.scheduler import UploadScheduler
+from gstore.write.staging import EXPECT_ABSENT, StagedFile, StagingArea
+from gstore.write.uploader import ConflictError, ConflictPolicy, Uploader, UploadResult
+
+log = logging.getLogger(__name__)
+
+EAGER_FILL_LIMIT = 16 * 1024 * 1024
+FILL_CHUNK = 8 * 1024 * 1024
+
+# Failures retrying will not fix: the upload is parked until a flush --retry or a remount.
+_PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.EINVAL, errno.ENAMETOOLONG,
+                               errno.EFBIG, errno.ENOTSUP, errno.EEXIST})
+
+Published = Callable[[str, ObjectInfo, "str | None"], None]
+
+
+class PathLocks:
+    """One trio lock per path, made on demand and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, trio.Lock] = {}
+        self._users: dict[str, int] = {}
+
+    def held(self, path: str) -> bool:
+        lock = self._locks.get(path)
+        return lock is not None and lock.locked()
+
+    @asynccontextmanager
+    async def hold(self, *paths: str) -> AsyncIterator[None]:
+        """Hold the locks of ``paths``, taken in sorted order (two renames never deadlock)."""
+        entered: list[str] = []
+        locked: list[str] = []
+        try:
+            for path in sorted(set(paths)):
+                lock = self._locks.setdefault(path, trio.Lock())
+                self._users[path] = self._users.get(path, 0) + 1
+                entered.append(path)
+                await lock.acquire()
+                locked.append(path)
+            yield
+        finally:
+            for path in reversed(locked):
+                self._locks[path].release()
+            for path in entered:
+                self._users[path] -= 1
+                if not self._users[path]:
+                    del self._users[path]
+                    del self._locks[path]
+
+
+@dataclass
+class WriteStats:
+    uploaded: int = 0
+    bytes_uploaded: int = 0
+    bytes_copied: int = 0
+    failures: int = 0
+    conflicts: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # path -> last error
+
+
+class PendingFiles:
+    """Every staged file of one mount (see the module docstring for states and rules)."""
+
+    def __init__(
+        self,
+        backend: Any,
+        staging: StagingArea,
+        reader: BlockReader,
+        *,
+        delay: float,
+        policy: ConflictPolicy = ConflictPolicy.KEEP_BOTH,
+        concurrency: int = 8,
+        part_concurrency: int = 4,
+        reserve_space: Callable[[int], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.staging = staging
+        self._reader = reader
+        self.locks = PathLocks()
+        self._by_path: dict[str, StagedFile] = {}
+        self._by_id: dict[str, StagedFile] = {}  # also the detached (unlinked-but-open) ones
+        self.scheduler = UploadScheduler(self._upload_one, delay=delay, concurrency=concurrency)
+        self.uploader = Uploader(backend, staging, ensure_local=self.ensure_local, policy=policy,
+                                 part_concurrency=part_concurrency)
+        self.stats = WriteStats()
+        self._published: list[Published] = []
+        self._reserve_space = reserve_space or (lambda nbytes: None)
+        self._staged_bytes = 0
+        add_listener = getattr(backend, "add_listener", None)  # ResilientBackend: circuit state changes
+        if callable(add_listener):
+            add_listener(self._backend_state)
+
+    # -- what others may ask ---------------------------------------------------------
+
+    @property
+    def policy(self) -> ConflictPolicy:
+        return self.uploader.policy
+
+    @property
+    def delay(self) -> float:
+        return self.scheduler.delay
+
+    def on_published(self, listener: Published) -> None:
+        """``listener(path, info, md5)`` runs, synchronously, when a file is retired."""
+        self._published.append(listener)
+
+    def get(self, path: str) -> StagedFile | None:
+        return self._by_path.get(path)
+
+    def pending(self) -> list[StagedFile]:
+        return list(self._by_path.values())
+
+    def under(self, folder: str) -> Iterator[StagedFile]:
+        prefix = folder + "/"
+        return (s for p, s in list(self._by_path.items()) if p.startswith(prefix))
+
+    def overlay(self, folder: str, entries: dict[str, ObjectInfo]) -> dict[str, ObjectInfo]:
+        """A folder's listing with pending files laid over it."""
+        if not self._by_path:
+            return entries
+        entries = dict(entries)
+        prefix = f"{folder}/" if folder else ""
+        for path, staged in self._by_path.items():
+            if not path.startswith(prefix):
+                continue
+            rest = path[len(prefix):]
+            if "/" not in rest:
+                entries[rest] = staged.info()
+            else:  # a pending file deeper down makes its top folder exist here
+                top = rest.split("/", 1)[0]
+                entries.setdefault(top, ObjectInfo(name=top, is_dir=True))
+        return entries
+
+    @staticmethod
+    def remote_may_exist(staged: StagedFile) -> bool:
+        """Whether an object may be at the staged file's path on the backend."""
+        return staged.expect != EXPECT_ABSENT or staged.uploaded_generation >= 0 or staged.upload_started
+
+    # -- opening -------------------------------------------------------------------------
+
+    async def open_for_write(self, path: str, current: Callable[[], Awaitable[ObjectInfo]], *,
+                             truncate: bool) -> StagedFile:
+        """A writer opens ``path`` (lock held). ``current()`` gives the remote object."""
+        staged = self._by_path.get(path)
+        if staged is None:
+            staged = await self._stage(path, await current(), truncate=truncate)
+        elif truncate:
+            await self._truncate(staged, 0)
+        staged.writers += 1
+        self.scheduler.cancel(staged.id, running=False)
+        return staged
+
+    async def create(self, path: str, mode: int, current: Callable[[], Awaitable[ObjectInfo | None]], *,
+                     exclusive: bool, truncate: bool) -> StagedFile:
+        """open(O_CREAT) of ``path`` (lock held): a new file, or the existing one opened."""
+        staged = self._by_path.get(path)
+        if staged is not None:
+            if exclusive:
+                raise OSError(errno.EEXIST, "File exists", path)
+            if truncate:
+                await self._truncate(staged, 0)
+        else:
+            existing = await current()
+            if existing is not None:
+                if exclusive:
+                    raise OSError(errno.EEXIST, "File exists", path)
+                staged = await self._stage(path, existing, truncate=truncate)
+            else:
+                staged = await trio.to_thread.run_sync(
+                    lambda: self.staging.create(path, base=None, expect=EXPECT_ABSENT, size=0))
+                staged.mode = mode & 0o7777
+                self._adopt(staged)
+        staged.writers += 1
+        self.scheduler.cancel(staged.id, running=False)
+        return staged
+
+    def open_for_read(self, path: str) -> StagedFile | None:
+        """A reader opens ``path``: it shares the staged file, if there is one (no await: atomic)."""
+        staged = self._by_path.get(path)
+        if staged is not None:
+            staged.readers += 1
+        return staged
+
+    async def _stage(self, path: str, info: ObjectInfo, *, truncate: bool) -> StagedFile:
+        """Start local changes to a remote object: only small files are copied now."""
+        if info.is_dir:
+            raise OSError(errno.EISDIR, "Is a directory", path)
+        expect = f"etag:{info.etag}" if info.etag else None
+        if truncate:
+            staged = await trio.to_thread.run_sync(
+                lambda: self.staging.create(path, base=None, expect=expect, size=0))
+        else:
+            staged = await trio.to_thread.run_sync(
+                lambda: self.staging.create(path, base=info, expect=expect, size=info.size))
+        if not truncate and staged.size <= EAGER_FILL_LIMIT and not staged.complete:
+            # Small files are copied locally now, while the base version surely exists: a
+            # conflicting remote change later can then never cost the bytes not touched here.
+            try:
+                await self.ensure_local(staged, 0, staged.size)
+            except BaseException:
+                await trio.to_thread.run_sync(self.staging.remove, staged)
+                raise
+        self._adopt(staged)
+        return staged
+
+    def _adopt(self, staged: StagedFile) -> None:
+        self._by_path[staged.path] = staged
+        self._by_id[staged.id] = staged
+        self._account(staged.size)
+
+    # -- data ---------------------------------------------------------------------------
+
+    def write(self, staged: StagedFile, offset: int, data: bytes) -> int:
+        before = staged.size
+        written = StagingArea.write(staged, offset, data)
+        if staged.size != before:
+            self._account(staged.size - before)
+        return written
+
+    async def read(self, staged: StagedFile, offset: int, size: int) -> bytes:
+        end = min(staged.size, offset + size)
+        if offset >= end:
+            return b""
+        pieces = []
+        for start, stop, local in staged.present.pieces(offset, end):
+            if local:
+                pieces.append(StagingArea.read_local(staged, start, stop - start))
+            else:
+                pieces.append(await self.read_base(staged, start, stop))
+        return b"".join(pieces)
+
+    async def read_base(self, staged: StagedFile, start: int, end: int) -> bytes:
+        """Bytes of the version a staged file's changes apply to (zeros beyond its end)."""
+        base = staged.base
+        if base is None or start >= base.size:
+            return bytes(end - start)
+        stop = min(end, base.size)
+        stream = self._reader.open_stream(staged.base_path or staged.path, base)
+        data = await self._reader.read(stream, start, stop - start)
+        return data + bytes(end - stop)
+
+    async def ensure_local(self, staged: StagedFile, start: int, end: int) -> None:
+        """Make ``[start, end)`` of the staging file valid by fetching what is missing from the base."""
+        base = staged.base
+        gaps = list(staged.present.gaps(start, end))
+        if not gaps:
+            return
+        for gap_start, gap_end in gaps:
+            if base is None or gap_start >= base.size:
+                staged.present.add(gap_start, gap_end)  # beyond the base: zeros
+                continue
+            cursor = gap_start
+            while cursor < min(gap_end, base.size):
+                chunk_end = min(gap_end, base.size, cursor + FILL_CHUNK)
+                try:
+                    data = await self.read_base(staged, cursor, chunk_end)
+                except StaleObjectError as exc:
+                    raise ConflictError(
+                        f"{staged.path}: the version this mount's changes apply to is gone from the backend "
+                        "(changed by another writer); the changed bytes are kept locally") from exc
+                # Only ranges still missing *now* and inside the file: a write or a truncate
+                # during the fetch wins (no await from here to the next fetch).
+                for hole_start, hole_end in staged.present.gaps(cursor, min(chunk_end, staged.size)):
+                    StagingArea.fill(staged, hole_start, data[hole_start - cursor: hole_end - cursor])
+                cursor = chunk_end
+            if gap_end > base.size:
+                staged.present.add(base.size, gap_end)
+        if not staged.unlinked:
+            await trio.to_thread.run_sync(self.staging.persist, staged)
+
+    async def _truncate(self, staged: StagedFile, size: int) -> None:
+        before = staged.size
+        await trio.to_thread.run_sync(StagingArea.truncate, staged, size)
+        self._account(size - before)
+
+    async def truncate_path(self, path: str, size: int, current: Callable[[], Awaitable[ObjectInfo]]) -> StagedFile:
+        """truncate(2) of ``path`` (lock held)."""
+        staged = self._by_path.get(path)
+        if staged is None:
+            staged = await self._stage(path, await current(), truncate=size == 0)
+        await self.truncate(staged, size)
+        return staged
+
+    async def truncate(self, staged: StagedFile, size: int) -> None:
+        """ftruncate(2) of a staged file (also an unlinked one)."""
+        if staged.size != size:
+            await self._truncate(staged, size)
+        if staged.writers == 0 and not staged.unlinked:
+            await trio.to_thread.run_sync(self.staging.persist, staged)
+            self.scheduler.schedule(staged.id)
+
+    async def set_attributes(self, staged: StagedFile, *, mode: int | None = None, mtime: float | None = None,
+                             content_type: str | None = None) -> None:
+        if mode is not None:
+            staged.mode = mode & 0o7777
+        if mtime is not None:
+            staged.mtime = mtime
+        if content_type is not None:
+            staged.content_type = content_type
+        staged.generation += 1  # the object's metadata changes with them
+        if not staged.unlinked:
+            await trio.to_thread.run_sync(lambda: self.staging.persist(staged, sync_data=False))
+            if staged.writers == 0:
+                self.scheduler.schedule(staged.id)
+
+    # -- closing --------------------------------------------------------------------------
+
+    async def persist(self, staged: StagedFile) -> None:
+        """close(2) or fsync(2): what was written survives a crash of this host."""
+        if not staged.unlinked and staged.persisted_generation != staged.generation:
+            generation = staged.generation
+            await trio.to_thread.run_sync(self.staging.persist, staged)
+            staged.persisted_generation = max(staged.persisted_generation, generation)
+
+    async def fsync(self, staged: StagedFile) -> list[str]:
+        """fsync(2): durable in the backend; returns the failures (empty when durable)."""
+        await self.persist(staged)
+        if staged.unlinked:
+            return []
+        return await self.flush([staged])
+
+    async def release(self, staged: StagedFile, *, writer: bool) -> None:
+        """A handle on ``staged`` closed for good."""
+        if writer:
+            staged.writers = max(0, staged.writers - 1)
+        else:
+            staged.readers = max(0, staged.readers - 1)
+        if staged.unlinked:
+            if staged.writers + staged.readers == 0:
+                self._discard(staged)
+            return
+        if writer and staged.writers == 0:
+            await self.persist(staged)
+        # Re-check after the await: an upload may have finished, a writer opened, a rename moved it.
+        if staged.unlinked or self._by_id.get(staged.id) is not staged or staged.writers:
+            return
+        if staged.uploaded_generation >= staged.generation:
+            if staged.readers == 0:
+                self._retire(staged)
+        elif writer and not self.scheduler.scheduled(staged.id):
+            self.scheduler.schedule(staged.id)
+
+    # -- namespace changes (lock of every path involved held) --------------------------------
+
+    async def drop(self, staged: StagedFile) -> None:
+        """The file was unlinked or replaced: its content must never be uploaded."""
+        self.scheduler.cancel(staged.id)
+        await self.scheduler.wait_idle(staged.id)
+        if self._by_path.get(staged.path) is staged:
+            del self._by_path[staged.path]
+        self.stats.failed.pop(staged.path, None)
+        staged.unlinked = True
+        if staged.writers + staged.readers == 0:
+            self._discard(staged)
+        else:
+            # Unlinked but open: the bytes stay for the handles, the journal forgets them.
+            await trio.to_thread.run_sync(self.staging.remove_record, staged)
+
+    async def keep_open_copy(self, path: str, info: ObjectInfo, *, readers: int) -> StagedFile:
+        """A remote file about to be deleted is still open: copy it locally for those handles."""
+        staged = await self._stage(path, info, truncate=False)
+        await self.ensure_local(staged, 0, staged.size)
+        staged.readers += readers
+        await self.drop(staged)
+        return staged
+
+    async def move(self, staged: StagedFile, new_path: str, target: ObjectInfo | None) -> bool:
+        """rename(2) of a staged file; returns whether an object may remain at the old key."""
+        self.scheduler.cancel(staged.id)
+        await self.scheduler.wait_idle(staged.id)
+        if not staged.complete:
+            await self.ensure_local(staged, 0, staged.size)
+        replaced = self._by_path.get(new_path)
+        if replaced is not None and replaced is not staged:
+            expect = replaced.expect  # what the backend has at the target, as far as this mount knows
+            await self.drop(replaced)
+        elif target is not None and not target.is_dir:
+            expect = f"etag:{target.etag}" if target.etag else None
+        else:
+            expect = EXPECT_ABSENT
+        remote_old = self.remote_may_exist(staged)
+        old = staged.path
+        if self._by_path.get(old) is staged:
+            del self._by_path[old]
+        staged.path = new_path
+        staged.base = None
+        staged.base_path = None
+        staged.expect = expect
+        staged.upload_started = False
+        staged.uploaded_generation = -1
+        staged.generation += 1
+        self._by_path[new_path] = staged
+        await trio.to_thread.run_sync(lambda: self.staging.persist(staged, sync_data=False))
+        if staged.writers == 0:
+            self.scheduler.schedule(staged.id)
+        self.stats.failed.pop(old, None)
+        return remote_old
+
+    # -- uploads ------------------------------------------------------------------------------
+
+    def durable(self, staged: StagedFile, generation: int) -> bool:
+        if staged.unlinked or self._by_id.get(staged.id) is not staged:
+            return True
+        return staged.uploaded_generation >= generation
+
+    async def flush(self, targets: list[StagedFile] | None = None, *, timeout: float | None = None,
+                    retry_parked: bool = False) -> list[str]:
+        """Upload now and wait until durable; returns one line per file that is not.
+
+        A failure after the flush began is reported at once (the queue keeps
+        retrying in the background); a parked upload (a failure retrying cannot
+        fix) is reported without a new attempt unless ``retry_parked``.
+        """
+        chosen = self.pending() if targets is None else list(targets)
+        goals = {s.id: s.generation for s in chosen}
+        start_failures = {}
+        for staged in chosen:
+            record = self.scheduler.attempts.get(staged.id)
+            if record is not None and record.permanent and retry_parked:
+                record.permanent = False
+            start_failures[staged.id] = record.failures if record is not None else 0
+        deadline = None if timeout is None else trio.current_time() + timeout
+        while True:
+            failed, waiting = [], []
+            for staged in chosen:
+                if self.durable(staged, goals[staged.id]):
+                    continue
+                record = self.scheduler.attempts.get(staged.id)
+                busy = self.scheduler.busy(staged.id)
+                if record is not None and not busy and (
+                        record.permanent or record.failures > start_failures[staged.id]):
+                    failed.append(f"{staged.path}: {record.last_error}")
+                    continue
+                if not busy and not self.scheduler.due_now(staged.id):
+                    self.scheduler.schedule(staged.id, 0)
+                waiting.append(staged)
+            if not waiting:
+                return failed
+            if deadline is not None and trio.current_time() >= deadline:
+                return failed + [f"{s.path}: not uploaded within {timeout:g}s" for s in waiting]
+            changed = self.scheduler.changed()
+            with trio.move_on_at(deadline if deadline is not None else trio.current_time() + 3600):
+                await changed.wait()
+
+    async def _upload_one(self, upload_id: str) -> None:
+        """The scheduler's ``upload(id)``: one attempt, its outcome recorded."""
+        staged = self._by_id.get(upload_id)
+        if staged is None or staged.unlinked or self._by_path.get(staged.path) is not staged:
+            return
+        if staged.uploaded_generation >= staged.generation:
+            if staged.writers + staged.readers == 0:
+                self._retire(staged)
+            return
+        generation, path = staged.generation, staged.path
+        staged.upload_started = True
+        try:
+            result = await self.uploader.upload(staged, generation)
+        except Exception as exc:  # noqa: BLE001 - an upload failure never ends the daemon
+            self._failed(staged, exc)
+            return
+        self._finish(staged, generation, path, result)
+
+    def _failed(self, staged: StagedFile, exc: BaseException) -> None:
+        code, transient = classify(exc)
+        permanent = isinstance(exc, ConflictError) or (not transient and code in _PERMANENT_ERRNOS)
+        message = str(exc) or type(exc).__name__
+        staged.attempts += 1
+        staged.last_error = message
+        self.stats.failures += 1
+        self.stats.failed[staged.path] = message
+        delay = self.scheduler.failed(staged.id, message, permanent=permanent)
+        if delay is None:
+            log.error("upload of %s failed and will not be retried until `gstore flush --retry` or a remount "
+                      "(%s): %s; the file is kept locally", staged.path, errno.errorcode.get(code, code), message)
+        else:
+            log.warning("upload of %s failed (attempt %d, %s%s): %s; retrying in %.0fs", staged.path,
+                        staged.attempts, errno.errorcode.get(code, code), ", transient" if transient else "",
+                        message, delay)
+
+    def _finish(self, staged: StagedFile, generation: int, path: str, result: UploadResult) -> None:
+        """An upload was confirmed (no await here: the handover is one step)."""
+        self.scheduler.succeeded(staged.id)
+        self.stats.uploaded += 1
+        self.stats.bytes_uploaded += result.sent
+        self.stats.bytes_copied += result.copied
+        self.stats.failed.pop(path, None)
+        staged.attempts = 0
+        staged.last_error = None
+        if staged.unlinked or staged.path != path:
+            return  # dropped or moved meanwhile (both wait for uploads; defensive)
+        staged.uploaded_generation = max(staged.uploaded_generation, generation)
+        if result.target == path:
+            info = dataclasses.replace(result.info, mtime=staged.mtime)
+            staged.expect = f"etag:{result.info.etag}" if result.info.etag else None
+            staged.md5 = result.md5
+            if not staged.complete:
+                # Bytes not local are those of the object just uploaded (unchanged ranges).
+                staged.base, staged.base_path = result.info, path
+            staged.published = info
+        else:
+            # Keep-both: ours went to the conflict name, the path keeps theirs; a later
+            # upload of this file is checked against the same old version (a conflict again).
+            self.stats.conflicts += 1
+            staged.published = result.theirs or ObjectInfo(name=path.rsplit("/", 1)[-1], is_dir=False)
+        if staged.generation == generation and staged.writers + staged.readers == 0:
+            self._retire(staged)
+
+    def _retire(self, staged: StagedFile) -> None:
+        """Uploaded and closed: the path is answered by the backend again, in this same step."""
+        if self._by_path.get(staged.path) is staged:
+            del self._by_path[staged.path]
+        self._by_id.pop(staged.id, None)
+        self.scheduler.forget(staged.id)
+        self.staging.remove(staged)
+        self._account(-staged.size)
+        if staged.published is not None:
+            for listener in self._published:
+                listener(staged.path, staged.published, staged.md5)
+
+    def _discard(self, staged: StagedFile) -> None:
+        self._by_id.pop(staged.id, None)
+        self.scheduler.forget(staged.id)
+        self.staging.remove(staged)
+        self._account(-staged.size)
+
+    def _backend_state(self, state: str) -> None:
+        """The backend is reachable again: uploads waiting for a retry go now."""
+        if state == "closed":
+            self.scheduler.retry_now()
+
+    def _account(self, delta: int) -> None:
+        self._staged_bytes = max(0, self._staged_bytes + delta)
+        self._reserve_space(self._staged_bytes)
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def recover(self) -> list[StagedFile]:
+        """Take over the files staged before the last stop and queue their uploads."""
+        recovered = self.staging.load()
+        for staged in recovered:
+            if staged.path in self._by_path:
+                log.error("two journal records for %s; keeping the newer, the other stays in %s for inspection",
+                          staged.path, self.staging.root)
+                older = self._by_path[staged.path]
+                if older.created > staged.created:
+                    continue
+            self._adopt(staged)
+            self.scheduler.schedule(staged.id, 0)
+        if recovered:
+            log.warning("%d file(s) written before the last stop were not uploaded yet; uploading them now: %s",
+                        len(recovered), ", ".join(s.path for s in recovered[:10]) + (" ..." if len(recovered) > 10 else ""))
+        for orphan in self.staging.orphans({s.id for s in recovered}):
+            # A file unlinked while open, or a crash between creating and recording it:
+            # nothing was promised for these bytes.
+            log.info("removing staging data %s that has no journal record", orphan.name)
+            orphan.unlink(missing_ok=True)
+        return recovered
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.scheduler.run(task_status=task_status)
+
+
+__all__ = ["EAGER_FILL_LIMIT", "PathLocks", "PendingFiles", "WriteStats"]

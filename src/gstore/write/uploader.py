@@ -1,0 +1,236 @@
+"""How one staged file goes up: conflict check, part plan, local fill, send, verify.
+
+An :class:`Uploader` is given a staged file and the generation to upload and
+returns an :class:`UploadResult`; it changes no state of the file itself
+(bytes missing locally are made local through the ``ensure_local`` callable of
+the owner, :class:`gstore.write.pending.PendingFiles`). Decisions:
+
+* single PUT up to ``SINGLE_PUT_LIMIT``; above, multipart with server-side
+  copies of untouched parts of the base version (UploadPartCopy);
+* a conditional write (If-Match the ETag this mount's changes apply to, or
+  If-None-Match ``*`` for a new file) after a HEAD that checks the same, for
+  stores that ignore the conditions;
+* a remote change since the base is a conflict, resolved by the policy;
+* the result is verified (ETag = MD5 for single PUTs, size by HEAD after
+  multipart) before anyone may drop the local copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import trio
+
+from gstore.backends.base import ObjectInfo
+from gstore.errors import BackendError
+from gstore.virtual.content_type import guess_mimetype
+from gstore.write.staging import EXPECT_ABSENT, StagedFile, StagingArea
+
+log = logging.getLogger(__name__)
+
+SINGLE_PUT_LIMIT = 8 * 1024 * 1024
+
+
+class ConflictPolicy(str, Enum):
+    OVERWRITE = "overwrite"  # ours wins
+    KEEP_BOTH = "keep-both"  # ours goes to NAME.conflict-TIMESTAMP, theirs stays
+    FAIL = "fail"  # ours stays staged and the upload is reported failed
+
+
+class ConflictError(BackendError):
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EEXIST, message, transient=False)
+
+
+def conflict_name(path: str, when: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when or time.time()))
+    return f"{path}.conflict-{stamp}"
+
+
+def content_type_for(path: str) -> str:
+    """The Content-Type an upload gets when nobody set one: the same guess as ``user.mimetype``."""
+    return guess_mimetype(path.rsplit("/", 1)[-1], None)
+
+
+@dataclass
+class UploadResult:
+    target: str  # where our bytes went: the path, or a conflict name
+    info: ObjectInfo  # the object now at ``target``
+    md5: str | None  # of the bytes sent, when known
+    theirs: ObjectInfo | None  # the other writer's object left at the path (keep-both)
+    sent: int
+    copied: int
+
+
+class Uploader:
+    """Sends staged files to the backend (see the module docstring)."""
+
+    def __init__(
+        self,
+        backend: Any,
+        staging: StagingArea,
+        *,
+        ensure_local: Callable[[StagedFile, int, int], Awaitable[None]],
+        policy: ConflictPolicy,
+        part_concurrency: int = 4,
+    ) -> None:
+        self.backend = backend
+        self.staging = staging
+        self._ensure_local = ensure_local
+        self.policy = policy
+        self._part_limiter = trio.CapacityLimiter(max(1, part_concurrency))
+
+    async def upload(self, staged: StagedFile, generation: int) -> UploadResult:
+        path = staged.path
+        target, if_match, if_none_match, theirs = await self._resolve_conflict(staged)
+        content_type = staged.content_type or content_type_for(target)
+        metadata = {"mtime": f"{staged.mtime:.6f}", "mode": str(0o100000 | (staged.mode & 0o7777))}
+        size = staged.size
+        copy_parts, local_parts = self._plan(staged, size)
+        for start, end in local_parts:
+            await self._ensure_local(staged, start, end)
+        start_time = time.monotonic()
+        md5: str | None
+        if not copy_parts and size > SINGLE_PUT_LIMIT and not hasattr(self.backend, "start_multipart"):
+            # No multipart here (file://, memory://): the backend copies the staging file itself.
+            info = await self.backend.put_local_file(target, str(staged.data_path))
+            md5 = None
+        elif not copy_parts and size <= SINGLE_PUT_LIMIT:
+            data = await trio.to_thread.run_sync(self.staging.read_local, staged, 0, size)
+            md5 = hashlib.md5(data).hexdigest()
+            info = await self.backend.put_bytes(target, data, content_type=content_type, metadata=metadata,
+                                                if_match=if_match, if_none_match=if_none_match)
+            if info.etag and "-" not in info.etag and info.etag != md5:
+                raise BackendError(errno.EIO, f"upload of {target}: ETag {info.etag} is not the MD5 {md5} "
+                                   "of what was sent", transient=True)
+        else:
+            info, md5 = await self._multipart(staged, target, size, copy_parts, content_type, metadata,
+                                              if_match, if_none_match)
+        copied = sum(e - s for s, e in copy_parts)
+        log.info("uploaded %s (%d bytes%s) in %.2fs", target, size,
+                 f", {copied} copied server-side" if copy_parts else "", time.monotonic() - start_time)
+        if target != path:
+            log.warning("conflict: %s changed on the backend since it was read here; this mount's version "
+                        "was uploaded as %s", path, target)
+        return UploadResult(target=target, info=info, md5=md5, theirs=theirs, sent=size - copied, copied=copied)
+
+    async def _resolve_conflict(self, staged: StagedFile) -> tuple[str, str | None, bool, ObjectInfo | None]:
+        """Where to upload, with which precondition (If-Match ETag, If-None-Match *)."""
+        expect = staged.expect
+        if expect is None:
+            return staged.path, None, False, None
+        current = await self.backend.head(staged.path)
+        expected_etag = expect[5:] if expect.startswith("etag:") else None
+        unchanged = (current is None) if expect == EXPECT_ABSENT else (current is not None and current.etag == expected_etag)
+        if unchanged:
+            return staged.path, expected_etag, expect == EXPECT_ABSENT, None
+        if current is not None and await self._is_our_own(staged, current):
+            # An earlier attempt landed but its answer was lost (reset, timeout, kill -9
+            # before the journal was cleared): the object *is* ours, not a conflict.
+            log.info("%s: the backend already has exactly these bytes (an earlier upload whose answer "
+                     "was lost); not a conflict", staged.path)
+            return staged.path, current.etag, False, None
+        if self.policy is ConflictPolicy.OVERWRITE:
+            log.warning("conflict on %s: the backend copy changed since it was read here; overwriting it "
+                        "(policy overwrite)", staged.path)
+            return staged.path, None, False, None
+        if self.policy is ConflictPolicy.FAIL:
+            raise ConflictError(f"{staged.path} changed on the backend since it was read here")
+        return conflict_name(staged.path), None, True, current
+
+    async def _is_our_own(self, staged: StagedFile, current: ObjectInfo) -> bool:
+        """Whether the remote object has exactly the staged bytes (by its single-part ETag = MD5)."""
+        etag = current.etag or ""
+        if current.size != staged.size or len(etag) != 32 or "-" in etag or staged.size > SINGLE_PUT_LIMIT:
+            return False
+        if not staged.complete:
+            return False  # parts of it were never fetched: it cannot be compared here
+        data = await trio.to_thread.run_sync(self.staging.read_local, staged, 0, staged.size)
+        return hashlib.md5(data).hexdigest() == etag.lower()
+
+    def _plan(self, staged: StagedFile, size: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Split the file into parts copied server-side from the base, and parts sent from here."""
+        base = staged.base
+        if (
+            base is None
+            or staged.complete
+            or not getattr(self.backend, "supports_server_copy", False)
+            or size < 2 * self.backend.min_copy_part
+        ):
+            return [], [(0, size)] if size else []
+        part = self.backend.part_size(size)
+        copy_parts, local_parts = [], []
+        for start in range(0, size, part):
+            end = min(size, start + part)
+            copyable = (
+                end <= base.size
+                and end - start >= self.backend.min_copy_part
+                and not staged.dirty.overlaps(start, end)
+            )
+            (copy_parts if copyable else local_parts).append((start, end))
+        if not copy_parts:
+            return [], [(0, size)]
+        return copy_parts, local_parts
+
+    async def _multipart(
+        self, staged: StagedFile, target: str, size: int, copy_parts: list[tuple[int, int]],
+        content_type: str, metadata: dict[str, str], if_match: str | None, if_none_match: bool,
+    ) -> tuple[ObjectInfo, str | None]:
+        backend = self.backend
+        part = backend.part_size(size)
+        ranges = [(start, min(size, start + part)) for start in range(0, size, part)]
+        copy_set = set(copy_parts)
+        upload_id = await backend.start_multipart(target, content_type=content_type, metadata=metadata)
+        results: list[dict[str, Any]] = []
+        md5 = None if copy_parts else hashlib.md5()
+        try:
+            async with trio.open_nursery() as nursery:
+                for number, (start, end) in enumerate(ranges, start=1):
+                    await self._part_limiter.acquire_on_behalf_of(number)
+                    if (start, end) in copy_set:
+                        nursery.start_soon(self._copy_part, staged, target, upload_id, number, start, end, results)
+                        continue
+                    data = await trio.to_thread.run_sync(self.staging.read_local, staged, start, end - start)
+                    if md5 is not None:
+                        md5.update(data)
+                    nursery.start_soon(self._send_part, target, upload_id, number, data, results)
+            await backend.complete_multipart(target, upload_id, results, if_match=if_match,
+                                             if_none_match=if_none_match)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(30):
+                try:
+                    await backend.abort_multipart(target, upload_id)
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    log.warning("could not abort multipart upload %s of %s", upload_id, target)
+            raise
+        info = await backend.head(target)
+        if info is None or info.size != size:
+            raise BackendError(errno.EIO, f"upload of {target}: the backend reports "
+                               f"{'no object' if info is None else f'{info.size} bytes'}, expected {size}",
+                               transient=True)
+        return info, md5.hexdigest() if md5 is not None else None
+
+    async def _send_part(self, target: str, upload_id: str, number: int, data: bytes, results: list) -> None:
+        try:
+            results.append(await self.backend.upload_part(target, upload_id, number, data))
+        finally:
+            self._part_limiter.release_on_behalf_of(number)
+
+    async def _copy_part(self, staged: StagedFile, target: str, upload_id: str, number: int,
+                         start: int, end: int, results: list) -> None:
+        try:
+            assert staged.base is not None and staged.base_path is not None
+            results.append(await self.backend.copy_part(target, upload_id, number, staged.base_path,
+                                                        staged.base, start, end))
+        finally:
+            self._part_limiter.release_on_behalf_of(number)
+
+
+__all__ = ["ConflictError", "ConflictPolicy", "SINGLE_PUT_LIMIT", "UploadResult", "Uploader", "conflict_name", "content_type_for"]
