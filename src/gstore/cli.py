@@ -13,15 +13,53 @@ from gstore.config import ConfigError, build_mount_request, find_config, load_co
 def mount_main(argv: Sequence[str] | None = None) -> int:
     """``gstore-mount [options] SPEC MOUNTPOINT``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _help_or_version(args)
     _prepare_mountpoint(args)
     try:
         request = build_mount_request(args)
     except ConfigError as exc:
         print(f"gstore-mount: {exc}", file=sys.stderr)
         return 2
+    _warn_if_not_empty(request.mountpoint)
     from gstore import daemon
 
     return daemon.run(request)
+
+
+def _help_or_version(args: list[str]) -> None:
+    """``--help`` and ``--version``: print once and exit 0 (SystemExit), before anything else runs.
+
+    The parser is the one that validates the real command line, plus ``--version``;
+    any other mistake is left for :func:`build_mount_request` to report.
+    """
+    from gstore.config import build_arg_parser
+
+    parser = build_arg_parser()
+    parser.add_argument("--version", action="version", version=f"gstore-mount {__version__}",
+                        help="print the version and exit")
+    try:
+        parser.parse_intermixed_args(args)
+    except ConfigError:
+        pass
+
+
+def _warn_if_not_empty(mountpoint: object) -> None:
+    """Mounting on a folder that has files hides them (FUSE allows it): say so, once, on stderr."""
+    import os
+
+    path = os.fspath(mountpoint)  # type: ignore[call-overload]
+    try:
+        if os.path.ismount(path):
+            print(f"gstore-mount: warning: {path} is already a mount point; the new mount hides it "
+                  "until it is unmounted", file=sys.stderr)
+            return
+        with os.scandir(path) as entries:
+            first = next(entries, None)
+    except OSError:
+        return  # the daemon reports a mount point it cannot use
+    if first is not None:
+        print(f"gstore-mount: warning: {path} is not empty; its files (such as {first.name!r}) are hidden "
+              "while the mount is active and come back after unmounting", file=sys.stderr)
 
 
 def _prepare_mountpoint(args: list[str]) -> None:
@@ -36,9 +74,15 @@ def _prepare_mountpoint(args: list[str]) -> None:
     import os
     import subprocess
 
+    import contextlib
+    import io
+
     from gstore.config import planned_mountpoint
 
-    planned = planned_mountpoint(args)
+    # planned_mountpoint parses the command line too: whatever argparse prints
+    # there (help, usage) is printed once, by build_mount_request, not twice.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        planned = planned_mountpoint(args)
     if planned is None:
         return  # build_mount_request reports the problem
     path, derived = planned
@@ -75,7 +119,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     flush = sub.add_parser("flush", help="upload everything pending (or PATHs) and wait until durable")
     flush.add_argument("mountpoint")
     flush.add_argument("paths", nargs="*", help="files or directories inside the mount (default: all)")
+    serve = sub.add_parser(
+        "serve", help="serve a folder (typically a gstore mount) over HTTP: GET/HEAD with ranges and ETags",
+        description="Serve the files of a folder over HTTP (GET and HEAD, Range, conditional requests). "
+        "ETag and Content-Type come from the user.etag and user.mimetype xattrs of a gstore mount. "
+        "One access log line per request on stderr; SIGINT/SIGTERM stop it cleanly. See docs/serve.md.")
+    serve.add_argument("folder", metavar="MOUNTPOINT|PATH", help="the folder to serve")
+    serve.add_argument("--bind", default="127.0.0.1:8080", metavar="HOST:PORT",
+                       help="address to listen on: HOST:PORT, [IPV6]:PORT or PORT; port 0 picks a free one "
+                       "(default: 127.0.0.1:8080)")
+    serve.add_argument("--list", action="store_true",
+                       help="answer a directory without index.html with an HTML listing (default: 404)")
+    serve.add_argument("--dotfiles", action="store_true",
+                       help="serve names starting with '.' (.concat/..., .versions/...); .gstore never "
+                       "(default: 404)")
+    serve.add_argument("--no-sendfile", action="store_true",
+                       help="never use sendfile, even for files on local disks (default: sendfile for local "
+                       "disk file systems, threaded pread for FUSE and others)")
+    serve.add_argument("--threads", type=int, default=16, metavar="N",
+                       help="threads for blocking file system calls (default: 16)")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       type=str.upper, help="INFO logs one line per request (default: INFO)")
     args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        from gstore import serve as serve_module
+
+        return serve_module.run(args.folder, bind=args.bind, listing=args.list, dotfiles=args.dotfiles,
+                                sendfile=False if args.no_sendfile else None, threads=args.threads,
+                                log_level=args.log_level)
 
     if args.command == "status":
         return _status(args.mountpoints, as_json=args.json, timeout=args.timeout)
@@ -201,6 +273,19 @@ def _flush(mountpoint: str, paths: list[str]) -> int:
     import json
     import os
 
+    for path in (mountpoint, *paths):
+        # A name that does not exist has nothing to flush (a deletion is never pending:
+        # unlink deletes in the backend at once): a typo must not pass for "durable".
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            print(f"gstore: {path}: no such file or directory", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            if path == mountpoint:
+                continue  # ENOTCONN and the like: reported below, with a hint
+            print(f"gstore: {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     root = os.path.realpath(mountpoint)
     relative = []
     for path in paths:

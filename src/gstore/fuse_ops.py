@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import stat
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ from gstore.backends.base import ObjectInfo
 from gstore.errors import classify
 from gstore.log import redactor
 from gstore.vfs.filesystem import FileSystem
+from gstore.vfs.attributes import AttributePolicy
 from gstore.vfs.inodes import Inode
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,9 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self.fs = fs
-        self._uid, self._gid = uid, gid
-        self._file_mode = stat.S_IFREG | (0o666 & ~umask)
-        self._dir_mode = stat.S_IFDIR | (0o777 & ~umask)
-        self._attr_ttl, self._entry_ttl, self._negative_ttl = attr_ttl, entry_ttl, negative_ttl
+        self._policy = AttributePolicy(uid=uid, gid=gid, umask=umask, attr_ttl=attr_ttl, entry_ttl=entry_ttl,
+                                       mounted_at=fs.mounted_at)
+        self._negative_ttl = negative_ttl
         self._block_size = block_size
         # ENOSYS makes the kernel stop asking for the life of the mount (ls -l asks
         # every file for two security/ACL attributes): the price of turning them off.
@@ -99,25 +98,19 @@ class Operations(pyfuse3.Operations):
     # -- conversions --------------------------------------------------------------
 
     def _attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        info: ObjectInfo = inode.info
+        found = self._policy.of(inode)
         attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = inode.ino
+        attrs.st_ino = found.ino
         attrs.generation = 0
-        attrs.entry_timeout = self._entry_ttl
-        attrs.attr_timeout = self._attr_ttl
-        attrs.st_mode = self._dir_mode if info.is_dir else self._file_mode
-        if inode.virtual:  # computed, read-only: no write bits
-            attrs.st_mode &= ~0o222
-        # 1 is "unknown" for folders (find(1) does not trust a subdirectory count); 0 for a
-        # file unlinked while open (fstat on its descriptor).
-        attrs.st_nlink = 0 if inode.unlinked else 1
-        attrs.st_uid, attrs.st_gid = self._uid, self._gid
-        attrs.st_size = info.size
-        attrs.st_blksize = 128 * 1024
-        attrs.st_blocks = (info.size + 511) // 512
-        mtime = info.mtime or self.fs.mounted_at
-        ns = int(mtime * 1e9)
-        attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = ns
+        attrs.entry_timeout = found.entry_timeout
+        attrs.attr_timeout = found.attr_timeout
+        attrs.st_mode = found.mode
+        attrs.st_nlink = found.nlink
+        attrs.st_uid, attrs.st_gid = found.uid, found.gid
+        attrs.st_size = found.size
+        attrs.st_blksize = found.blksize
+        attrs.st_blocks = found.blocks
+        attrs.st_atime_ns, attrs.st_mtime_ns, attrs.st_ctime_ns = found.atime_ns, found.mtime_ns, found.ctime_ns
         return attrs
 
     @staticmethod
@@ -165,17 +158,9 @@ class Operations(pyfuse3.Operations):
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         with _errors("readdir", fh):
-            handle = self.fs.dir_handle(fh)
-            parent = handle.inode.path
-            table = self.fs.inodes
-            for position in range(start_id, len(handle.entries)):
-                name, info = handle.entries[position]
-                path = f"{parent}/{name}" if parent else name
-                # Register first, so the number sent is the inode that gets the reference
-                # (a kind change moves the path to a new number); undo if not accepted.
-                inode = self.fs.dir_entry_inode(handle, path, info)
-                if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._attributes(inode), position + 1):
-                    table.forget(inode.ino, 1)
+            for name, inode, next_id in self.fs.readdir(fh, start_id):
+                if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._attributes(inode), next_id):
+                    self.fs.readdir_not_taken(inode)
                     return
 
     async def releasedir(self, fh: int) -> None:

@@ -68,8 +68,7 @@ def build_status(*, request: Any, state_dir: Any, fs: Any, store: Any, reader: A
 
 def _backend_health(fs: Any) -> dict[str, Any] | None:
     """Circuit breaker state and retry counters (None for a backend without them)."""
-    health = getattr(getattr(fs, "backend", None), "health", None)
-    return health() if callable(health) else None
+    return fs.backend.health()
 
 
 def _public_options(options: Any) -> dict[str, Any]:

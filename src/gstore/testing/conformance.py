@@ -260,14 +260,20 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 _HASH_SCRIPT = r"""
 import hashlib, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+except OSError as exc:
+    sys.exit(f"open: {exc.strerror} ({exc.errno})")
 try:
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # ask gstore, not the kernel's page cache
 except OSError:
     pass
 h, n = hashlib.sha256(), 0
 while True:
-    chunk = os.read(fd, 1 << 20)
+    try:
+        chunk = os.read(fd, 1 << 20)
+    except OSError as exc:
+        sys.exit(f"read at offset {n}: {exc.strerror} ({exc.errno})")
     if not chunk:
         break
     h.update(chunk)
@@ -280,9 +286,9 @@ def checksum_via_mount(path: Path, timeout: float = DEFAULT_IO_TIMEOUT) -> tuple
     """(sha256, size) of a file read through the mount, in a child process with a timeout."""
     res = run_child([sys.executable, "-c", _HASH_SCRIPT, str(path)], timeout=timeout)
     if res.timed_out:
-        raise OSError(f"reading {path} took more than {timeout:.0f}s (killed)")
+        raise OSError(f"{path.name}: reading it took more than {timeout:.0f}s (killed)")
     if res.returncode != 0:
-        raise OSError(f"reading {path} failed: {_tail(res.output, 3)}")
+        raise OSError(f"{path.name}: {_tail(res.output, 1)}")
     digest, size = res.output.split()[-2:]
     return digest, int(size)
 
@@ -297,12 +303,18 @@ def mkdir_via_mount(path: Path, timeout: float = DEFAULT_IO_TIMEOUT) -> None:
 
 
 def write_mount_config(path: Path, endpoint: str, bucket: str, name: str = "conformance") -> Path:
-    path.write_text(
+    """A config file for ``bucket`` of ``endpoint``; private (0600), as gstore wants files
+    holding credentials, even the local endpoint's fake ones."""
+    text = (
         f'[mounts.{name}]\nprotocol = "s3"\nroot = "{bucket}"\n'
         f'[mounts.{name}.options]\nendpoint_url = "{endpoint}"\n'
         'key = "testing-key-id"\nsecret = "testing-secret-value"\n'
         'client_kwargs = { region_name = "us-east-1" }\n'
     )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
     return path
 
 
@@ -492,7 +504,8 @@ class PersistenceCheck:
 
 _UNSUPPORTED_RE = re.compile(r"does not support (?:fallocate mode )?(.+?),? disabling!?")
 _FAILURE_RE = re.compile(
-    r"^(READ BAD DATA|Size error|short |do\w+|check_\w+|writefileimage|save_buffer|main: (?:error|short|lseek|ftruncate))"
+    r"^(READ BAD DATA|Size error|short |do\w+|check_\w+|writefileimage|save_buffer"
+    r"|main: (?:error|short|lseek|ftruncate))"
 )
 _LOG_ENTRY_RE = re.compile(r"^(\d+)\(\s*\d+ mod 256\): (.*)$")
 
@@ -522,14 +535,19 @@ def parse_fsx_output(text: str) -> dict[str, Any]:
     if dump is not None:
         m = re.match(r"LOG DUMP \((\d+) total operations\)", lines[dump])
         operations = int(m.group(1)) if m else None
-    entries = [m.group(2).strip() for line in lines[dump or 0:] if (m := _LOG_ENTRY_RE.match(line))]
+    entries: list[str] = []
+    for line in lines[dump or 0:]:
+        if (m := _LOG_ENTRY_RE.match(line)):
+            entries.append(re.sub(r"\s+", " ", m.group(2).strip()))
+        elif entries and line.startswith("\t") and line.strip():  # e.g. "\t\tCLOSE/OPEN" after an op
+            entries[-1] += f", then {line.strip()}"
     return {
         "unsupported": unsupported,
         "other_disabled": other,
         "first_failure": detail[0].strip() if detail else None,
         "failure_detail": detail,
         "operations": operations,
-        "failed_operation": re.sub(r"\s+", " ", entries[-1]) if dump is not None and entries else None,
+        "failed_operation": entries[-1] if dump is not None and entries else None,
     }
 
 
@@ -551,6 +569,8 @@ def run_fsx(fsx: Path, target: Path, name: str, flags: Sequence[str], log_dir: P
             run.first_failure = f"timed out after {timeout:.0f}s (killed)"
         else:
             run.first_failure = parsed["first_failure"] or f"exit status {res.returncode}"
+            if run.first_failure.startswith("docloseopen: drop_caches") and os.getuid() != 0:
+                run.first_failure += " (fsx -c writes /proc/sys/vm/drop_caches: run as root)"
     run.output_tail = _tail(res.output, 40)
     (log_dir / f"{target.name}.out").write_text(res.output)
     run.log_file = str(log_dir / f"{target.name}.out")
@@ -574,21 +594,12 @@ class FsxSuiteResult:
         return (self.setup_error is None and bool(self.runs) and all(r.passed for r in self.runs)
                 and len(self.persistence) == 2 * len(self.runs) and all(c.passed for c in self.persistence))
 
-    def failures(self) -> list[str]:
-        """One readable paragraph per failed run or check (for test failure messages)."""
-        out = []
-        if self.setup_error:
-            out.append(f"setup: {self.setup_error}")
-        for r in self.runs:
-            if not r.passed:
-                out.append(f"fsx {r.name} ({' '.join(r.flags)}) FAILED: {r.summary()}\n"
-                           f"  output tail:\n{_indent(r.output_tail)}")
-        for c in self.persistence:
-            if not c.passed:
-                out.append(f"persistence {c.file} vs {c.against} FAILED: {c.detail}")
-        for e in self.daemon_errors:
-            out.append(f"daemon log:\n{_indent(e)}")
-        return out
+    def failed_run_details(self) -> list[str]:
+        """For each failed run, what fsx printed last (its operation log): for failure messages,
+        beside format_fsx()'s table."""
+        return [f"fsx {r.name} ({' '.join(r.flags)}) FAILED: {r.summary()}\n"
+                f"  tail of its output ({r.log_file}):\n{_indent(r.output_tail)}"
+                for r in self.runs if not r.passed]
 
 
 def _indent(text: str, prefix: str = "    ") -> str:
@@ -678,8 +689,10 @@ def _sha(value: tuple[str, int] | str | None) -> str | None:
 def _compare(fname: str, against: str, expected: tuple[str, int] | str, got: tuple[str, int] | None,
              missing: str) -> PersistenceCheck:
     if not isinstance(expected, tuple):
+        has = (f"{against} has {got[1]} bytes sha256 {got[0][:16]}" if got is not None
+               else f"{against}: {missing}")
         return PersistenceCheck(fname, against, False, None, _sha(got),
-                                f"no reference: reading it through the first mount failed: {expected}")
+                                f"no reference, the first mount could not read it ({expected}); {has}")
     if got is None:
         return PersistenceCheck(fname, against, False, expected[0], None, missing)
     if got == expected:
@@ -763,18 +776,33 @@ def list_pjdfstest_files(tests_dir: Path, selection: Sequence[str] = ()) -> list
     return chosen
 
 
-_TRIED_RE = re.compile(r"tried '(\S+)[^']*', expected (.*?), got (.*)$")
+_TRIED_RE = re.compile(r"tried '([^']*)', expected (.*?), got (.*)$")
+_ERRNO_LIKE = re.compile(r"^(0|E[A-Z0-9]+)(\|(0|E[A-Z0-9]+))*$")
 
 
 def failure_cause(t: TapFile) -> str:
-    """A coarse key for grouping failing files: the syscall, expected and got of the first failure."""
+    """A coarse key for grouping failing files by their first failure: the syscall and
+    the errno it returned, or the stat fields that came back different."""
     if t.timed_out:
         return "timed out"
     if t.first_failure:
         m = _TRIED_RE.search(t.first_failure)
-        if m:
-            return f"{m.group(1)}: expected {m.group(2)}, got {m.group(3) or '(nothing)'}"
-        return "check without detail (test_check: stat field, size or link count)"
+        if not m:
+            return "a check without detail (test_check: compares stat fields, sizes or times)"
+        words = m.group(1).split()
+        who = []
+        while len(words) > 1 and words[0] in ("-u", "-g", "-U"):  # pjdfstest's uid/gid/umask options
+            who.append(words[0])
+            words = words[2:]
+        op = words[0] if words else "?"
+        as_other = " (as another uid)" if "-u" in who else ""
+        expected, got = m.group(2).strip(), m.group(3).strip() or "(nothing)"
+        if _ERRNO_LIKE.match(expected) and _ERRNO_LIKE.match(got):
+            return f"{op}{as_other}: expected {expected}, got {got}"
+        if _ERRNO_LIKE.match(got) and got != "0":
+            return f"{op}{as_other}: failed with {got}"
+        fields = next((w for w in words[2:] if re.fullmatch(r"[a-z_]+(,[a-z_]+)*", w)), "")
+        return f"{op} {fields}{as_other}: a different value".replace("  ", " ")
     if t.planned is None:
         return "no TAP plan printed"
     if t.missing:
@@ -906,8 +934,8 @@ def format_fsx(res: FsxSuiteResult) -> str:
     for fname, checks in by_file.items():
         cells = []
         for against in ("bucket", "fresh mount"):
-            c = checks.get(against)
-            cells.append(f"{against}: {'-' if c is None else ('pass' if c.passed else 'FAIL')}")
+            check = checks.get(against)
+            cells.append(f"{against}: {'-' if check is None else ('pass' if check.passed else 'FAIL')}")
         failed = [f"{c.against}: {c.detail}" for c in checks.values() if not c.passed]
         out.append(f"  {fname:<12} {cells[0]:<14} {cells[1]:<18} {'; '.join(failed)}")
     ok = sum(c.passed for c in res.persistence)
@@ -967,8 +995,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fsx-runs", metavar="NAMES", help="only these runs of the matrix, e.g. s1,s4")
     p.add_argument("--pjdfstest", nargs="*", metavar="FILE",
                    help="pjdfstest: all 238 .t files, or these (chmod, chmod/00.t, a path to a .t)")
-    p.add_argument("--src", help=f"the shared/conformance folder (default: ${ENV_SOURCES}, else REPO/../shared/conformance)")
-    p.add_argument("--build-dir", type=Path, default=None, help="where to build the suites (default ~/.cache/gstore-conformance)")
+    p.add_argument("--src", help=f"the shared/conformance folder (default: ${ENV_SOURCES}, "
+                                 "else REPO/../shared/conformance)")
+    p.add_argument("--build-dir", type=Path, default=None,
+                   help="where to build the suites (default ~/.cache/gstore-conformance)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="mount points, caches and logs (default: a new temp dir; kept when something failed)")
     p.add_argument("--keep-work", action="store_true", help="keep the work dir even when everything passed")
@@ -976,7 +1006,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra gstore-mount argument, repeatable (e.g. --mount-arg=--write-back-delay=0)")
     p.add_argument("--default-permissions", action="store_true",
                    help="mount with default_permissions for pjdfstest (the kernel checks modes)")
-    p.add_argument("--fsx-timeout", type=float, default=DEFAULT_FSX_TIMEOUT, help="seconds per fsx run (default %(default)s)")
+    p.add_argument("--fsx-timeout", type=float, default=DEFAULT_FSX_TIMEOUT,
+                   help="seconds per fsx run (default %(default)s)")
     p.add_argument("--pjdfstest-timeout", type=float, default=DEFAULT_PJD_TIMEOUT,
                    help="seconds per pjdfstest .t file (default %(default)s)")
     p.add_argument("--mount-timeout", type=float, default=DEFAULT_MOUNT_TIMEOUT,

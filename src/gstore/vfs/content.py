@@ -16,9 +16,9 @@ import time
 
 import cachetools
 
-from gstore.backends.base import Backend, ObjectInfo
+from gstore.backends.base import ObjectInfo, StorageBackend
 from gstore.cache.reader import BlockReader, ReadStream
-from gstore.vfs.inodes import InodeTable
+from gstore.vfs.inodes import InodeTable, parent_path
 from gstore.vfs.metadata import MetadataCache
 from gstore.write.pending import PendingFiles
 from gstore.write.staging import StagedFile
@@ -27,7 +27,7 @@ from gstore.write.staging import StagedFile
 class MountContent:
     """Attributes, listings and bytes of one mount's paths."""
 
-    def __init__(self, backend: Backend, metadata: MetadataCache, reader: BlockReader, inodes: InodeTable,
+    def __init__(self, backend: StorageBackend, metadata: MetadataCache, reader: BlockReader, inodes: InodeTable,
                  pending: PendingFiles | None) -> None:
         self.backend = backend
         self.metadata = metadata
@@ -85,27 +85,37 @@ class MountContent:
             assert self.pending is not None
             await self.pending.set_attributes(staged, content_type=content_type)
             return None
-        setter = getattr(self.backend, "set_content_type", None)
-        if setter is None:
+        if not self.backend.capabilities.content_type:
             raise OSError(errno.ENOTSUP, f"{path}: this backend cannot change an object's Content-Type")
-        info: ObjectInfo = await setter(path, content_type)
+        info = await self.backend.set_content_type(path, content_type)
         self.metadata.remember(path, info)
         inode = self.inodes.by_path(path)
         if inode is not None:
             self.inodes.refresh(inode, info)
         return info
 
-    def _published(self, path: str, info: ObjectInfo, md5: str | None) -> None:
-        """A pending file was retired: the backend's object is what ``path`` shows from now on."""
+    def _published(self, path: str, info: ObjectInfo | None, md5: str | None) -> None:
+        """A pending file was retired: the backend's object is what ``path`` shows from now on.
+
+        ``info`` is the object as the upload confirmed it, or None when the path now
+        holds another writer's object this mount has not seen (a keep-both conflict):
+        then the next access asks the backend.
+        """
+        if info is None:
+            self.metadata.forget_path(path)
+            self.metadata.forget_path(parent_path(path))  # its listing holds our old entry
+            inode = self.inodes.by_path(path)
+            if inode is not None:
+                inode.info_time = 0.0
+            return
         if md5 and info.etag:
             self.known_md5[(path, info.etag)] = md5
         if info.etag and info.mtime:
             self.metadata.mtimes.set(path, info.etag, info.mtime)
         self.metadata.forget_path(path)
-        if info.etag:
-            self.metadata.remember(path, info)
+        self.metadata.remember(path, info)
         inode = self.inodes.by_path(path)
-        if inode is not None and info.etag:
+        if inode is not None:
             self.inodes.refresh(inode, dataclasses.replace(info, name=path.rsplit("/", 1)[-1]))
 
 

@@ -26,8 +26,9 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Iterator
 
-from gstore.backends.base import Backend, ObjectInfo
+from gstore.backends.base import ObjectInfo, StorageBackend
 from gstore.cache.reader import BlockReader
 from gstore.vfs.content import MountContent
 from gstore.vfs.control import (
@@ -62,7 +63,7 @@ class FileSystem:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: StorageBackend,
         metadata: MetadataCache,
         reader: BlockReader,
         *,
@@ -238,6 +239,23 @@ class FileSystem:
             raise _err(errno.EBADF, f"directory handle {fh}")
         return handle
 
+    def readdir(self, fh: int, start_id: int) -> Iterator[tuple[str, Inode, int]]:
+        """Entries from cookie ``start_id`` on: (name, inode with one new reference, next cookie).
+
+        The inode is registered before the kernel sees its number (a kind change
+        moves a path to a new number); :meth:`readdir_not_taken` undoes an entry
+        the kernel's buffer could not take.
+        """
+        handle = self.dir_handle(fh)
+        parent = handle.inode.path
+        for position in range(start_id, len(handle.entries)):
+            name, info = handle.entries[position]
+            path = f"{parent}/{name}" if parent else name
+            yield name, self.dir_entry_inode(handle, path, info), position + 1
+
+    def readdir_not_taken(self, inode: Inode) -> None:
+        self.inodes.forget(inode.ino, 1)
+
     def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)
 
@@ -280,7 +298,7 @@ class FileSystem:
             # open("/proc/self/fd/N") of an unlinked file: only its pending bytes remain.
             staged = inode.staged
             if not isinstance(staged, StagedFile) or not inode.open_handles:
-                raise _err(errno.ENOENT, inode.path)
+                raise _err(errno.ESTALE, inode.path)  # the kernel looks the name up again
             if writing:
                 staged.writers += 1
             else:
@@ -298,7 +316,10 @@ class FileSystem:
             if staged is not None:
                 return self._staged_handle(inode, staged, writable=False), False, False
         if time.monotonic() - inode.info_time >= self._attr_ttl:
-            await self._refresh(inode)
+            try:
+                await self._refresh(inode)
+            except FileNotFoundError:
+                raise _err(errno.ESTALE, inode.path) from None
             if self.pending is not None:  # re-check after the await: a writer may have staged it
                 staged = self.pending.open_for_read(inode.path)
                 if staged is not None:
@@ -333,15 +354,22 @@ class FileSystem:
         return self._add_handle(VirtualHandle(inode, reader)), False, False
 
     async def _fresh_info(self, path: str) -> ObjectInfo:
-        """The remote object a change applies to: its freshest ETag (and VersionId)."""
-        info = await self.metadata.stat(path)
+        """The remote object a change applies to: its freshest ETag (and VersionId).
+
+        Gone since the kernel looked it up (removed by another request meanwhile):
+        ESTALE, on which the kernel's VFS looks the name up again and retries once,
+        so ``open(O_CREAT)`` creates it, as on a local disk.
+        """
+        try:
+            info = await self.metadata.stat(path)
+        except FileNotFoundError:
+            raise _err(errno.ESTALE, path) from None
         if info.is_dir:
             raise _err(errno.EISDIR, path)
-        head = getattr(self.backend, "head", None)
-        fresh = await head(path) if head is not None else None
+        fresh = await self.backend.head(path)
         if fresh is None:
             self.metadata.remember_missing(path)
-            raise _err(errno.ENOENT, path)
+            raise _err(errno.ESTALE, path)
         return fresh
 
     async def _info_or_none(self, path: str) -> ObjectInfo | None:
@@ -445,7 +473,7 @@ class FileSystem:
         async with self.locks.hold(path):
             if await self.content.exists(path):
                 raise _err(errno.EEXIST, path)
-            await self.backend.make_dir(path)  # type: ignore[attr-defined]
+            await self.backend.make_dir(path)
             self.metadata.forget_path(path)
             info = ObjectInfo(name=name, is_dir=True, mtime=time.time())
             self.metadata.remember(path, info)
@@ -474,7 +502,7 @@ class FileSystem:
                     inode.staged = copy
                     self._switch_object_handles(inode, copy)
             if remote_may_exist:
-                await self.backend.delete(path)  # type: ignore[attr-defined]
+                await self.backend.delete(path)
                 self.metadata.mtimes.drop(path)
             self.metadata.forget_path(path)
             self.metadata.remember_missing(path)
@@ -506,7 +534,7 @@ class FileSystem:
             try:
                 await self.backend.stat(path)
             except FileNotFoundError:
-                await self.backend.make_dir(path)  # type: ignore[attr-defined]
+                await self.backend.make_dir(path)
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
         parent = self.inode(parent_ino)
@@ -519,7 +547,7 @@ class FileSystem:
             self.metadata.forget_path(path)
             if await self.list_dir(path):
                 raise _err(errno.ENOTEMPTY, path)
-            await self.backend.remove_dir_marker(path)  # type: ignore[attr-defined]
+            await self.backend.remove_dir_marker(path)
             self.metadata.forget_path(path)
             self.metadata.remember_missing(path)
             self.inodes.detach_path(path)
@@ -569,7 +597,7 @@ class FileSystem:
             target_remote = None if pending.get(new) is not None else await self._info_or_none(new)
             remote_old = await pending.move(staged, new, target_remote)
             if remote_old:
-                await self.backend.delete(old)  # type: ignore[attr-defined]
+                await self.backend.delete(old)
                 self.metadata.mtimes.drop(old)
             return staged.info()
         replaced = pending.get(new)
@@ -577,11 +605,11 @@ class FileSystem:
             await pending.drop(replaced)
         # Server-side copy, then delete: no byte passes through this host.
         fresh = await self._fresh_info(old)
-        await self.backend.copy(old, new, fresh)  # type: ignore[attr-defined]
-        copied = await self.backend.head(new)  # type: ignore[attr-defined]
+        await self.backend.copy(old, new, fresh)
+        copied = await self.backend.head(new)
         if copied is not None and source.mtime:
             self.metadata.mtimes.set(new, copied.etag, source.mtime)
-        await self.backend.delete(old)  # type: ignore[attr-defined]
+        await self.backend.delete(old)
         self.metadata.mtimes.drop(old)
         if copied is None:
             return source
@@ -595,23 +623,23 @@ class FileSystem:
             moved = f"{new}/{source_path[len(prefix):]}"
             async with self.locks.hold(source_path, moved):
                 if pending.get(source_path) is staged and await pending.move(staged, moved, None):
-                    await self.backend.delete(source_path)  # type: ignore[attr-defined]
-        objects = await self.backend.walk(old)  # type: ignore[attr-defined]
+                    await self.backend.delete(source_path)
+        objects = await self.backend.walk(old)
         if not objects:
-            await self.backend.make_dir(new)  # type: ignore[attr-defined]
+            await self.backend.make_dir(new)
         for info in objects:
             if info.is_dir:  # a "sub/" marker
-                await self.backend.make_dir(f"{new}/{info.name.rstrip('/')}" if info.name.rstrip("/") else new)  # type: ignore[attr-defined]
+                await self.backend.make_dir(f"{new}/{info.name.rstrip('/')}" if info.name.rstrip("/") else new)
                 continue
             if pending.get(f"{new}/{info.name}") is not None:
                 continue  # a pending file moved there already: it goes up from here
-            await self.backend.copy(f"{old}/{info.name}", f"{new}/{info.name}", info)  # type: ignore[attr-defined]
+            await self.backend.copy(f"{old}/{info.name}", f"{new}/{info.name}", info)
         for info in objects:
             key = f"{old}/{info.name.rstrip('/')}" if info.name.rstrip("/") else old
             if info.is_dir:
-                await self.backend.remove_dir_marker(key)  # type: ignore[attr-defined]
+                await self.backend.remove_dir_marker(key)
             else:
-                await self.backend.delete(key)  # type: ignore[attr-defined]
+                await self.backend.delete(key)
         for path in [old, new]:
             self.metadata.forget_tree(path)
 

@@ -189,12 +189,10 @@ class MetadataCache:
 
     async def _fetch_listing(self, path: str, *, max_pages: int | None = None) -> Listing:
         self.stats["listings"] += 1
-        if max_pages is None:
-            listing = await self._backend.list_dir(path)
-        else:
-            listing = await self._backend.list_dir(path, max_pages=max_pages)
-            if listing is None:
-                return Listing()  # too big to be worth it: not cached, lookups go on one by one
+        found = await self._backend.list_dir(path, max_pages=max_pages)
+        if found is None:
+            return Listing()  # too big to be worth it: not cached, lookups go on one by one
+        listing = found
         self.mtimes.apply_folder(path, listing.entries)
         for raw, reason in listing.skipped:
             if raw not in self._reported:

@@ -158,8 +158,8 @@ class VirtualFiles:
         table = self._versions.get(target)
         if table is not None:
             return table
-        lister = getattr(self._content.backend, "list_versions", None)
-        found = await lister(target) if lister is not None else None
+        backend = self._content.backend
+        found = await backend.list_versions(target) if backend.capabilities.versions else None
         table = VersionTable(found or ())
         self._versions[target] = table
         return table

@@ -229,7 +229,7 @@ class Xattrs:
     async def _has_version_id(self, inode: Inode, info: ObjectInfo) -> bool:
         """Whether the object has a version id; listings do not say, a HEAD does
         (asked only of backends that keep versions)."""
-        if self._virtual_ref(inode) is not None or not hasattr(self._content.backend, "list_versions"):
+        if self._virtual_ref(inode) is not None or not self._content.backend.capabilities.versions:
             return False
         head = await self._head(inode.path, info)
         return bool(head.version_id and head.version_id != "null")
@@ -240,8 +240,7 @@ class Xattrs:
         known = self._details.get(key)
         if known is not None:
             return known
-        head = getattr(self._content.backend, "head", None)
-        found = await head(path) if head is not None else None
+        found = await self._content.backend.head(path)
         if found is None:
             raise _err(errno.ENOENT, path)
         self._details[key] = found

@@ -38,6 +38,14 @@ virtual directory itself returns no entries (only ``.`` and ``..``).
       that is an absolute path (starts with ``/``) with EACCES. The error
       message names the 1-based line number. Query strings and fragments are
       not special: ``seg.ts?x=1`` names a file called exactly that.
+    * HLS fMP4 playlists: ``#EXT-X-MAP:URI="init.mp4"`` (the media
+      initialization section) is honoured. Its file comes right before the
+      first segment line after the tag, and again before a later segment only
+      when a different ``EXT-X-MAP`` applies to it (the same URI repeated is
+      not repeated). A map that no segment follows adds nothing. The URI is
+      checked like any line (relative path, not %-decoded). ``EXT-X-MAP`` with
+      ``BYTERANGE``, a map without ``URI``, and ``#EXT-X-BYTERANGE`` segments
+      are refused with EINVAL: a ``.concat`` joins whole files only.
     * At most ``MANIFEST_MAX_ENTRIES`` entries (E2BIG beyond) and
       ``MANIFEST_MAX_BYTES`` bytes of manifest (EFBIG beyond). A manifest with
       no entries gives an empty file.
@@ -504,8 +512,64 @@ def parse_virtual_path(path: str, names: VirtualNames) -> VirtualRef | None:
 # -- manifests ---------------------------------------------------------------------
 
 
+_HLS_MAP = "#EXT-X-MAP:"
+_HLS_BYTERANGE = "#EXT-X-BYTERANGE"
+_HLS_ATTRIBUTE_RE = re.compile(r'[ \t]*([A-Z0-9-]+)=("[^"\r\n]*"|[^",\s]*)[ \t]*(?:,|$)')
+
+
+def _hls_attributes(text: str, number: int, tag: str) -> dict[str, str]:
+    """The attribute list of an HLS tag (``NAME=VALUE,NAME="quoted"``), quotes removed."""
+    attributes: dict[str, str] = {}
+    position = 0
+    while position < len(text):
+        match = _HLS_ATTRIBUTE_RE.match(text, position)
+        if match is None:
+            raise _fail(errno.EINVAL, f"manifest line {number}: malformed {tag} attribute list: {text!r}")
+        value = match.group(2)
+        attributes[match.group(1)] = value[1:-1] if value.startswith('"') else value
+        position = match.end()
+    return attributes
+
+
+def _check_manifest_path(line: str, number: int) -> None:
+    if "\0" in line:
+        raise _fail(errno.EINVAL, f"manifest line {number}: contains a NUL character")
+    if _URL_RE.match(line):
+        raise _fail(
+            errno.EINVAL,
+            f"manifest line {number}: URLs are not supported, "
+            f"only paths relative to the folder: {line!r}",
+        )
+    if line.startswith("/"):
+        raise _fail(
+            errno.EACCES,
+            f"manifest line {number}: absolute paths are not allowed, "
+            f"only paths relative to the folder: {line!r}",
+        )
+
+
+def _hls_map_uri(line: str, number: int) -> str:
+    """The file an ``#EXT-X-MAP:`` line names (BYTERANGE refused: whole files only)."""
+    attributes = _hls_attributes(line[len(_HLS_MAP):], number, "EXT-X-MAP")
+    if "BYTERANGE" in attributes:
+        raise _fail(
+            errno.EINVAL,
+            f"manifest line {number}: EXT-X-MAP with BYTERANGE is not supported "
+            "(a .concat joins whole files; keep the init segment in a file of its own)",
+        )
+    uri = attributes.get("URI", "").strip(_MANIFEST_STRIP)
+    if not uri:
+        raise _fail(errno.EINVAL, f"manifest line {number}: EXT-X-MAP without a URI")
+    _check_manifest_path(uri, number)
+    return uri
+
+
 def _manifest_entries(text: str | bytes, max_entries: int) -> list[tuple[int, str]]:
-    """(1-based line number, entry) of each entry of a manifest."""
+    """(1-based line number, entry) of each entry of a manifest.
+
+    An ``#EXT-X-MAP`` init segment is an entry too, numbered by its tag's line,
+    placed before the first segment it applies to (see the module documentation).
+    """
     if isinstance(text, bytes):
         if len(text) > MANIFEST_MAX_BYTES:
             raise _fail(errno.EFBIG, f"manifest is larger than {MANIFEST_MAX_BYTES} bytes")
@@ -517,27 +581,32 @@ def _manifest_entries(text: str | bytes, max_entries: int) -> list[tuple[int, st
     else:
         decoded = text[1:] if text.startswith("\ufeff") else text
     entries: list[tuple[int, str]] = []
-    for number, raw in enumerate(decoded.split("\n"), 1):
-        line = raw.strip(_MANIFEST_STRIP)
-        if line == "" or line.startswith("#"):
-            continue
-        if "\0" in line:
-            raise _fail(errno.EINVAL, f"manifest line {number}: contains a NUL character")
-        if _URL_RE.match(line):
-            raise _fail(
-                errno.EINVAL,
-                f"manifest line {number}: URLs are not supported, "
-                f"only paths relative to the folder: {line!r}",
-            )
-        if line.startswith("/"):
-            raise _fail(
-                errno.EACCES,
-                f"manifest line {number}: absolute paths are not allowed, "
-                f"only paths relative to the folder: {line!r}",
-            )
+
+    def add(number: int, entry: str) -> None:
         if len(entries) >= max_entries:
             raise _fail(errno.E2BIG, f"manifest has more than {max_entries} entries")
-        entries.append((number, line))
+        entries.append((number, entry))
+
+    current_map: tuple[int, str] | None = None  # the EXT-X-MAP in force: (line, URI)
+    emitted_map: str | None = None  # the init segment the joined bytes last carried
+    for number, raw in enumerate(decoded.split("\n"), 1):
+        line = raw.strip(_MANIFEST_STRIP)
+        if line.startswith(_HLS_MAP):
+            current_map = (number, _hls_map_uri(line, number))
+            continue
+        if line.startswith(_HLS_BYTERANGE):
+            raise _fail(
+                errno.EINVAL,
+                f"manifest line {number}: EXT-X-BYTERANGE segments are not supported "
+                "(a .concat joins whole files)",
+            )
+        if line == "" or line.startswith("#"):
+            continue
+        _check_manifest_path(line, number)
+        if current_map is not None and current_map[1] != emitted_map:
+            add(*current_map)
+            emitted_map = current_map[1]
+        add(number, line)
     return entries
 
 

@@ -58,11 +58,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
 
 import trio
 
-from gstore.backends.base import ObjectInfo
+from gstore.backends.base import ObjectInfo, StorageBackend
 from gstore.cache.reader import BlockReader
 from gstore.errors import StaleObjectError, classify
 from gstore.write.scheduler import UploadScheduler
@@ -78,7 +78,7 @@ FILL_CHUNK = 8 * 1024 * 1024
 _PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.EINVAL, errno.ENAMETOOLONG,
                                errno.EFBIG, errno.ENOTSUP, errno.EEXIST})
 
-Published = Callable[[str, ObjectInfo, "str | None"], None]
+Published = Callable[[str, "ObjectInfo | None", "str | None"], None]
 
 
 class PathLocks:
@@ -130,7 +130,7 @@ class PendingFiles:
 
     def __init__(
         self,
-        backend: Any,
+        backend: StorageBackend,
         staging: StagingArea,
         reader: BlockReader,
         *,
@@ -153,9 +153,7 @@ class PendingFiles:
         self._published: list[Published] = []
         self._reserve_space = reserve_space or (lambda nbytes: None)
         self._staged_bytes = 0
-        add_listener = getattr(backend, "add_listener", None)  # ResilientBackend: circuit state changes
-        if callable(add_listener):
-            add_listener(self._backend_state)
+        backend.add_listener(self._backend_state)  # circuit state changes (a plain backend never calls)
 
     # -- what others may ask ---------------------------------------------------------
 
@@ -526,6 +524,10 @@ class PendingFiles:
             self._failed(staged, exc)
             return
         self._finish(staged, generation, path, result)
+        if self._by_id.get(staged.id) is staged and not staged.unlinked:
+            # Still staged (open, or changed meanwhile): the journal must know what the
+            # backend now has, or a restart would take our own upload for a conflict.
+            await trio.to_thread.run_sync(self.staging.persist, staged)
 
     def _failed(self, staged: StagedFile, exc: BaseException) -> None:
         code, transient = classify(exc)
@@ -568,7 +570,7 @@ class PendingFiles:
             # Keep-both: ours went to the conflict name, the path keeps theirs; a later
             # upload of this file is checked against the same old version (a conflict again).
             self.stats.conflicts += 1
-            staged.published = result.theirs or ObjectInfo(name=path.rsplit("/", 1)[-1], is_dir=False)
+            staged.published = result.theirs  # None: not seen here, the next access asks
         if staged.generation == generation and staged.writers + staged.readers == 0:
             self._retire(staged)
 
@@ -580,7 +582,7 @@ class PendingFiles:
         self.scheduler.forget(staged.id)
         self.staging.remove(staged)
         self._account(-staged.size)
-        if staged.published is not None:
+        if staged.uploaded_generation >= 0:
             for listener in self._published:
                 listener(staged.path, staged.published, staged.md5)
 

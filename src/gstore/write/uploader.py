@@ -24,11 +24,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 import trio
 
-from gstore.backends.base import ObjectInfo
+from gstore.backends.base import ObjectInfo, StorageBackend, UploadedPart
 from gstore.errors import BackendError
 from gstore.virtual.content_type import guess_mimetype
 from gstore.write.staging import EXPECT_ABSENT, StagedFile, StagingArea
@@ -74,7 +73,7 @@ class Uploader:
 
     def __init__(
         self,
-        backend: Any,
+        backend: StorageBackend,
         staging: StagingArea,
         *,
         ensure_local: Callable[[StagedFile, int, int], Awaitable[None]],
@@ -90,6 +89,9 @@ class Uploader:
     async def upload(self, staged: StagedFile, generation: int) -> UploadResult:
         path = staged.path
         target, if_match, if_none_match, theirs = await self._resolve_conflict(staged)
+        if not self.backend.capabilities.conditional_writes:
+            # The HEAD in _resolve_conflict is then the only check (a narrow race remains).
+            if_match, if_none_match = None, False
         content_type = staged.content_type or content_type_for(target)
         metadata = {"mtime": f"{staged.mtime:.6f}", "mode": str(0o100000 | (staged.mode & 0o7777))}
         size = staged.size
@@ -98,7 +100,7 @@ class Uploader:
             await self._ensure_local(staged, start, end)
         start_time = time.monotonic()
         md5: str | None
-        if not copy_parts and size > SINGLE_PUT_LIMIT and not hasattr(self.backend, "start_multipart"):
+        if not copy_parts and size > SINGLE_PUT_LIMIT and not self.backend.capabilities.multipart:
             # No multipart here (file://, memory://): the backend copies the staging file itself.
             info = await self.backend.put_local_file(target, str(staged.data_path))
             md5 = None
@@ -161,12 +163,13 @@ class Uploader:
         if (
             base is None
             or staged.complete
-            or not getattr(self.backend, "supports_server_copy", False)
+            or not (self.backend.capabilities.server_copy and self.backend.capabilities.multipart)
             or size < 2 * self.backend.min_copy_part
         ):
             return [], [(0, size)] if size else []
         part = self.backend.part_size(size)
-        copy_parts, local_parts = [], []
+        copy_parts: list[tuple[int, int]] = []
+        local_parts: list[tuple[int, int]] = []
         for start in range(0, size, part):
             end = min(size, start + part)
             copyable = (
@@ -188,7 +191,7 @@ class Uploader:
         ranges = [(start, min(size, start + part)) for start in range(0, size, part)]
         copy_set = set(copy_parts)
         upload_id = await backend.start_multipart(target, content_type=content_type, metadata=metadata)
-        results: list[dict[str, Any]] = []
+        results: list[UploadedPart] = []
         md5 = None if copy_parts else hashlib.md5()
         try:
             async with trio.open_nursery() as nursery:
@@ -217,14 +220,14 @@ class Uploader:
                                transient=True)
         return info, md5.hexdigest() if md5 is not None else None
 
-    async def _send_part(self, target: str, upload_id: str, number: int, data: bytes, results: list) -> None:
+    async def _send_part(self, target: str, upload_id: str, number: int, data: bytes, results: list[UploadedPart]) -> None:
         try:
             results.append(await self.backend.upload_part(target, upload_id, number, data))
         finally:
             self._part_limiter.release_on_behalf_of(number)
 
     async def _copy_part(self, staged: StagedFile, target: str, upload_id: str, number: int,
-                         start: int, end: int, results: list) -> None:
+                         start: int, end: int, results: list[UploadedPart]) -> None:
         try:
             assert staged.base is not None and staged.base_path is not None
             results.append(await self.backend.copy_part(target, upload_id, number, staged.base_path,
