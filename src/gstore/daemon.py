@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -34,6 +35,12 @@ from gstore.log import (
     stderr_is_journal,
     traced_backend_call,
 )
+
+if TYPE_CHECKING:  # imported late at run time: nothing that starts fsspec before the fork
+    from gstore.backends.base import StorageBackend
+    from gstore.cache.blockstore import BlockStore
+    from gstore.vfs.filesystem import FileSystem
+    from gstore.write.pending import PendingFiles
 
 log = logging.getLogger("gstore.daemon")
 
@@ -322,7 +329,7 @@ class _Stopping:
             self.status_changed.set()
 
 
-async def _handle_signals(stopping: _Stopping, writeback: object, drain_timeout: float,
+async def _handle_signals(stopping: _Stopping, writeback: PendingFiles | None, drain_timeout: float,
                           tracer: RequestTracer | None = None) -> None:
     import pyfuse3
 
@@ -338,7 +345,7 @@ async def _handle_signals(stopping: _Stopping, writeback: object, drain_timeout:
             stopping.reason = signal.Signals(signum).name
             log.info("%s received: stopping", stopping.reason)
             stopping.begin(stopping.reason)
-            if writeback is not None and writeback.pending():  # type: ignore[attr-defined]
+            if writeback is not None and writeback.pending():
                 # Drain while still mounted, so programs are not stuck on a dead mount meanwhile.
                 await _drain(writeback, drain_timeout, stopping)
             pyfuse3.terminate()
@@ -349,8 +356,8 @@ async def _handle_signals(stopping: _Stopping, writeback: object, drain_timeout:
 _STOP_MARGIN = 30.0
 
 
-async def _drain(writeback: object, timeout: float, stopping: _Stopping | None = None) -> None:
-    pending = writeback.pending()  # type: ignore[attr-defined]
+async def _drain(writeback: PendingFiles, timeout: float, stopping: _Stopping | None = None) -> None:
+    pending = writeback.pending()
     log.info("uploading %d pending file(s) before stopping (at most %gs)", len(pending), timeout)
     systemd.notify(f"STATUS=Draining {len(pending)} pending upload(s) (at most {timeout:g}s)\n"
                    f"EXTEND_TIMEOUT_USEC={int((timeout + _STOP_MARGIN) * 1e6)}")
@@ -358,7 +365,7 @@ async def _drain(writeback: object, timeout: float, stopping: _Stopping | None =
         stopping.drain_deadline = trio.current_time() + timeout
         stopping.status_changed.set()
     try:
-        failures = await writeback.flush(timeout=timeout)  # type: ignore[attr-defined]
+        failures = await writeback.flush(timeout=timeout)
     finally:
         if stopping is not None:
             stopping.drain_deadline = None
@@ -371,23 +378,23 @@ async def _drain(writeback: object, timeout: float, stopping: _Stopping | None =
         systemd.notify("STATUS=Stopping: all pending uploads are durable")
 
 
-def _status_line(where: str, writeback: object, store: object) -> str:
-    stats = store.stats()  # type: ignore[attr-defined]
+def _status_line(where: str, writeback: PendingFiles | None, store: BlockStore) -> str:
+    stats = store.stats()
     text = f"Mounted {where}; cache {stats.used_bytes / 2**20:,.0f} of {stats.capacity / 2**20:,.0f} MiB"
     if writeback is not None:
-        pending = writeback.pending()  # type: ignore[attr-defined]
+        pending = writeback.pending()
         failing = sum(1 for staged in pending if staged.last_error)
         text += f"; {len(pending)} pending upload(s)" + (f", {failing} failing" if failing else "")
     return text
 
 
-async def _report_status(stopping: _Stopping, writeback: object, store: object, where: str,
+async def _report_status(stopping: _Stopping, writeback: PendingFiles | None, store: BlockStore, where: str,
                          interval: float = 10.0) -> None:
     """Keep systemd's STATUS= current: every ``interval`` while mounted, every second while draining."""
     last = ""
     while True:
         if stopping.drain_deadline is not None:
-            left = writeback.pending() if writeback is not None else []  # type: ignore[attr-defined]
+            left = writeback.pending() if writeback is not None else []
             remaining = max(0.0, stopping.drain_deadline - trio.current_time())
             text = (f"STATUS=Draining: {len(left)} pending upload(s) left, giving up in {remaining:.0f}s\n"
                     f"EXTEND_TIMEOUT_USEC={int((remaining + _STOP_MARGIN) * 1e6)}")
@@ -404,7 +411,7 @@ async def _report_status(stopping: _Stopping, writeback: object, store: object, 
             await stopping.status_changed.wait()
 
 
-def _watch_requests(tracer: RequestTracer, ops: object, fs: object, backend: object) -> None:
+def _watch_requests(tracer: RequestTracer, ops: object, fs: FileSystem, backend: StorageBackend) -> None:
     """Register the kernel handlers of ``ops`` and the request methods of the backend with ``tracer``."""
     import inspect
 
@@ -420,7 +427,7 @@ def _watch_requests(tracer: RequestTracer, ops: object, fs: object, backend: obj
         return f"fh={fh} {getattr(inode, 'path', '?')!r}" if inode is not None else f"fh={fh}"
 
     def describe_ino(ino: object) -> str:
-        inode = fs.inodes.get(ino) if isinstance(ino, int) else None  # type: ignore[attr-defined]
+        inode = fs.inodes.get(ino) if isinstance(ino, int) else None
         return f"ino={ino} {inode.path!r}" if inode is not None else f"ino={ino}"
 
     def describe(name: str, value: object) -> str | None:
@@ -470,7 +477,10 @@ def _watch_requests(tracer: RequestTracer, ops: object, fs: object, backend: obj
         return handler
 
     tracer.watch(ops, handlers, make_handler)
-    target = getattr(backend, "inner", backend)  # the real backend under the retry layer: one line per attempt
+    from gstore.backends.resilience import ResilientBackend
+
+    # The real backend under the retry layer: one line per attempt.
+    target = backend.inner if isinstance(backend, ResilientBackend) else backend
     methods = [name for name in dir(type(target)) if not name.startswith("_")
                and inspect.iscoroutinefunction(getattr(type(target), name, None))]
     tracer.watch(target, methods, traced_backend_call)
