@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from gstore import __version__
 from gstore.config import ConfigError, build_mount_request, find_config, load_config
+from gstore.mounts import gstore_mounts
 
 
 def mount_main(argv: Sequence[str] | None = None) -> int:
@@ -169,24 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name}: {entry.get('protocol', '?')}://{entry.get('root', '')}")
         return 0
     return 2
-
-
-def _unescape_mount_field(text: str) -> str:
-    """/proc/mounts writes space, tab, newline and backslash as octal escapes (\\040 ...)."""
-    import re
-
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def gstore_mounts() -> list[str]:
-    """Mount points of the gstore mounts in /proc/mounts (of this mount namespace)."""
-    found = []
-    with open("/proc/mounts", encoding="utf-8", errors="replace") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) >= 3 and fields[2] in ("fuse.gstore", "fuse.gstore-mount"):
-                found.append(_unescape_mount_field(fields[1]))
-    return found
 
 
 def _read_status(mountpoint: str, timeout: float) -> dict:

@@ -97,7 +97,8 @@ def build_core(backend: Backend, state_dir: Path, options: MountOptions) -> Moun
     pending = None
     if staging is not None:
         pending = PendingFiles(backend, staging, reader, delay=options.write_back_delay,
-                               policy=ConflictPolicy(options.conflict), reserve_space=store.reserve)
+                               policy=ConflictPolicy(options.conflict), reserve_space=store.reserve,
+                               fsync_patience=options.request_timeout)
     fs = FileSystem(backend, metadata, reader, attr_ttl=options.attr_ttl, pending=pending,
                     virtual_names=VirtualNames(options.concat_dir, options.diff_dir, options.versions_dir))
     return MountCore(fs=fs, backend=backend, metadata=metadata, reader=reader, store=store,

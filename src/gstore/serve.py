@@ -87,6 +87,7 @@ _FORBIDDEN = {errno.EACCES, errno.EPERM, errno.EROFS}
 _UNAVAILABLE = {errno.ENOTCONN, errno.ETIMEDOUT, errno.EAGAIN, errno.EIO, errno.EBUSY,
                 errno.ESTALE, errno.ECONNREFUSED, errno.EHOSTUNREACH}
 
+_PCHAR = "!$&'()*+,;=:@-._~"  # what a path segment may hold unescaped (RFC 3986)
 _SENT = "gstore.serve.sent"  # request key: body bytes written by the handler
 
 
@@ -146,7 +147,10 @@ def split_target(target: str) -> tuple[list[str], bool] | None:
     for raw in path.split("/")[1:]:
         if raw == "":
             continue
-        data = unquote_to_bytes(raw)
+        try:
+            data = unquote_to_bytes(raw)
+        except UnicodeError:  # raw non-ASCII bytes that are not UTF-8 (the parser keeps them as surrogates)
+            return None
         if b"/" in data or b"\0" in data or data in (b".", b".."):
             return None
         segments.append(os.fsdecode(data))
@@ -254,7 +258,7 @@ def precondition(headers: Any, etag: str, mtime: float) -> int | None:
     if_match = headers.get("If-Match")
     if if_match is not None:
         tags = parse_etags(if_match)
-        if tags != "*" and not any(not weak and tag == opaque for weak, tag in tags):
+        if not isinstance(tags, str) and not any(not weak and tag == opaque for weak, tag in tags):
             return 412
     else:
         since = parse_http_date(headers.get("If-Unmodified-Since"))
@@ -263,7 +267,7 @@ def precondition(headers: Any, etag: str, mtime: float) -> int | None:
     if_none_match = headers.get("If-None-Match")
     if if_none_match is not None:
         tags = parse_etags(if_none_match)
-        if tags == "*" or any(tag == opaque for _, tag in tags):
+        if isinstance(tags, str) or any(tag == opaque for _, tag in tags):
             return 304
     else:
         since = parse_http_date(headers.get("If-Modified-Since"))
@@ -560,8 +564,10 @@ class FolderServer:
             return self._os_error(request, exc)
         try:
             if target.kind == "redirect":
-                path, query_sep, query = request.raw_path.partition("?")
-                return web.Response(status=301, headers={"Location": path + "/" + query_sep + query,
+                # Rebuilt from the checked segments: "//host" must not become a redirect off-site.
+                _, query_sep, query = request.raw_path.split("#", 1)[0].partition("?")
+                location = "".join("/" + quote(os.fsencode(s), safe=_PCHAR) for s in segments) + "/"
+                return web.Response(status=301, headers={"Location": location + query_sep + query,
                                                          "Server": SERVER},
                                     text="301 Moved Permanently\n", content_type="text/plain")
             if target.kind == "listing":  # aiohttp sends no body to HEAD, but its Content-Length
@@ -595,14 +601,15 @@ class FolderServer:
         if verdict == 412:
             return _plain(412)
         headers["X-Content-Type-Options"] = "nosniff"
-        ranges: list[tuple[int, int]] | str | None = None
+        asked: list[tuple[int, int]] | str | None = None
         range_header = request.headers.get("Range")
         if range_header is not None and if_range_allows(request.headers.get("If-Range"), target.etag, st.st_mtime):
-            ranges = parse_range(range_header, size)
-        if ranges == UNSATISFIABLE:
+            asked = parse_range(range_header, size)
+        if asked == UNSATISFIABLE:
             return _plain(416, {**headers, "Content-Range": f"bytes */{size}"})
-        if isinstance(ranges, list) and (len(ranges) > MAX_RANGES or sum(e - s for s, e in ranges) > size):
-            ranges = None  # many or overlapping ranges: the whole file costs less
+        ranges = asked if isinstance(asked, list) else []
+        if len(ranges) > MAX_RANGES or sum(e - s for s, e in ranges) > size:
+            ranges = []  # many or overlapping ranges: the whole file costs less
         pieces: list[tuple[bytes, int, int]]  # (part header, start, end)
         if not ranges:
             status, pieces, trailer = 200, [(b"", 0, size)], b""
@@ -617,10 +624,10 @@ class FolderServer:
             status, trailer = 206, f"\r\n--{boundary}--\r\n".encode()
             pieces = []
             for index, (start, end) in enumerate(ranges):
-                head = ("" if index == 0 else "\r\n") + (
+                part_head = ("" if index == 0 else "\r\n") + (
                     f"--{boundary}\r\nContent-Type: {target.content_type}\r\n"
                     f"Content-Range: bytes {start}-{end - 1}/{size}\r\n\r\n")
-                pieces.append((head.encode(), start, end))
+                pieces.append((part_head.encode(), start, end))
             headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = sum(len(h) + e - s for h, s, e in pieces) + len(trailer)
@@ -711,6 +718,29 @@ def _quoted(text: str) -> str:
 # -- running -----------------------------------------------------------------------------------
 
 
+class BadRequestFilter(logging.Filter):
+    """A malformed request is the client's mistake, not a server error: aiohttp logs it at
+    ERROR with a traceback; this makes it one INFO line (real handler errors stay as they are)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            message = " ".join(str(exc.message).split()) if exc.message else type(exc).__name__
+            record.msg, record.args = "bad request (%d): %s", (exc.code, message[:300])
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _install_bad_request_filter() -> None:
+    server_logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestFilter) for f in server_logger.filters):
+        server_logger.addFilter(BadRequestFilter())
+
+
+
 def below_gstore_mount(folder: str, mounts: Sequence[str]) -> str | None:
     """The gstore mount point ``folder`` is strictly inside of, if any."""
     for mountpoint in mounts:
@@ -723,6 +753,7 @@ def below_gstore_mount(folder: str, mounts: Sequence[str]) -> str | None:
 async def serve(options: ServeOptions, *, ready: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting, let requests in flight
     finish (up to ``shutdown_timeout`` seconds) and return."""
+    _install_bad_request_filter()
     handler = FolderServer(options)
     server = web.Server(handler.handle, access_log_class=AccessLogger, access_log=access_log)
     runner = web.ServerRunner(server, shutdown_timeout=options.shutdown_timeout)
@@ -758,7 +789,7 @@ def run(folder: str, *, bind: str = DEFAULT_BIND, listing: bool = False, dotfile
     """``gstore serve``: returns the exit code."""
     import sys
 
-    from gstore.cli import gstore_mounts
+    from gstore.mounts import gstore_mounts
     from gstore.log import setup_logging
 
     try:

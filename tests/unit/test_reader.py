@@ -68,7 +68,10 @@ def test_sequential_stream_prefetches_and_random_does_not(tmp_path):
             seq = reader.open_stream("f", info_for(data))
             for off in range(0, 4 * BS, 16 * 1024):
                 assert await reader.read(seq, off, 16 * 1024) == data[off : off + 16 * 1024]
-            await trio.sleep(0.05)
+            # Prefetches run in the background: wait for them (bounded), not a fixed time.
+            with trio.move_on_after(10):
+                while max(s // BS for p, s, _ in backend.requests if p == "f") <= 4:
+                    await trio.sleep(0.01)
             fetched_f = {s // BS for p, s, _ in backend.requests if p == "f"}
             assert max(fetched_f) > 4, "sequential reading should have prefetched ahead"
 

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from gstore.backends import make_backend, resilience_policy
-from gstore.backends.base import ObjectInfo
+from gstore.backends.base import Capabilities, NotSupportedError, ObjectInfo
 from gstore.backends.resilience import CLOSED, OPEN, CircuitBreaker, ResiliencePolicy, ResilientBackend
 from gstore.errors import BackendError, StaleObjectError
 
@@ -26,7 +26,7 @@ class Flaky:
 
     display = "fake://"
     cache_namespace = "fake"
-    supports_server_copy = False
+    capabilities = Capabilities()  # plain reads and writes, nothing optional
 
     def __init__(self) -> None:
         self.script: list[object] = []
@@ -80,7 +80,7 @@ class Flaky:
 def wrap(inner: Flaky, **kw: object) -> ResilientBackend:
     policy = ResiliencePolicy(**{"retries": 4, "deadline": 5.0, "base_delay": 0.01, "max_delay": 0.05,
                                  "breaker_threshold": 50, "breaker_cooldown": 0.2, **kw})  # type: ignore[arg-type]
-    return ResilientBackend(inner, policy, rng=random.Random(7))
+    return ResilientBackend(inner, policy, rng=random.Random(7))  # type: ignore[arg-type]  # a partial fake
 
 
 def test_transient_failures_are_retried_then_succeed() -> None:
@@ -217,14 +217,35 @@ def test_writes_are_not_retried_but_counted() -> None:
     trio.run(main)
 
 
-def test_delegation_keeps_feature_detection() -> None:
-    inner = Flaky()
-    backend = wrap(inner)
-    assert backend.supports_server_copy is False
-    assert not hasattr(backend, "start_multipart")  # the write-back path checks this
-    assert hasattr(backend, "put_bytes")
-    assert backend.cache_key("a") == "fake|a"
-    assert backend.display == "fake://"
+def test_capabilities_pass_through_and_unsupported_calls_never_reach_the_backend() -> None:
+    async def main() -> None:
+        inner = Flaky()
+        backend = wrap(inner, breaker_threshold=1)
+        assert backend.capabilities is inner.capabilities
+        assert backend.supports_server_copy is False  # deprecated spelling, kept for the callers
+        assert backend.cache_key("a") == "fake|a"
+        assert backend.display == "fake://"
+        for call in (
+            lambda: backend.start_multipart("f"),
+            lambda: backend.upload_part("f", "u", 1, b"x"),
+            lambda: backend.copy_part("f", "u", 1, "g", INFO, 0, 10),
+            lambda: backend.complete_multipart("f", "u", []),
+            lambda: backend.abort_multipart("f", "u"),
+            lambda: backend.list_versions("f"),
+            lambda: backend.set_content_type("f", "text/plain"),
+            lambda: backend.put_local_file("f", "/nonexistent"),
+            lambda: backend.put_bytes("f", b"x", if_match="abc"),
+            lambda: backend.put_bytes("f", b"x", if_none_match=True),
+        ):
+            with pytest.raises(NotSupportedError) as info:
+                await call()
+            assert info.value.errno == errno.ENOTSUP and "fake://" in str(info.value)
+        # Not sent, not counted: an unsupported call says nothing about the backend's health.
+        assert inner.calls == [] and backend.calls == 0 and backend.breaker.state == CLOSED
+        inner.capabilities = Capabilities(multipart=True)  # learnt later (a probe): seen at once
+        assert backend.capabilities.multipart
+
+    trio.run(main)
 
 
 def test_breaker_counts_consecutive_failures_only() -> None:

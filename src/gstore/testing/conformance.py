@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,7 +387,8 @@ class GstoreMount:
             except subprocess.TimeoutExpired:
                 self.killed = True
                 proc.kill()
-                proc.wait(timeout=30)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=30)
         if os.path.ismount(self.path):
             subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False, capture_output=True, timeout=60)
         if self.stop_duration is None:
@@ -500,6 +501,9 @@ class PersistenceCheck:
     expected: str | None  # sha256 through the first mount
     got: str | None
     detail: str
+    # For a failed run: does what was found equal fsx's own model of the file at its failure
+    # (the .fsxgood file it saves)? None: no model (the run passed) or nothing found.
+    matches_fsx_model: bool | None = None
 
 
 _UNSUPPORTED_RE = re.compile(r"does not support (?:fallocate mode )?(.+?),? disabling!?")
@@ -637,6 +641,7 @@ def fsx_suite(fsx: Path, endpoint: str, bucket: str, client: Any, work: Path, *,
                 through_mount[fname] = checksum_via_mount(m.path / fname, io_timeout)
             except OSError as exc:
                 through_mount[fname] = str(exc)
+        models = {r.file: _local_checksum(log_dir / f"{r.file}.fsxgood") for r in result.runs if not r.passed}
         result.durations["runs"] = time.monotonic() - started
         t0 = time.monotonic()
         result.daemon_exit["first mount"] = m.stop()
@@ -652,7 +657,8 @@ def fsx_suite(fsx: Path, endpoint: str, bucket: str, client: Any, work: Path, *,
                 result.persistence.append(PersistenceCheck(fname, "bucket", False, _sha(expected), None,
                                                            f"cannot read the object: {exc}"))
                 continue
-            result.persistence.append(_compare(fname, "bucket", expected, got, "no object in the bucket"))
+            result.persistence.append(_with_model(_compare(fname, "bucket", expected, got, "no object in the bucket"),
+                                                  models.get(fname)))
 
         t0 = time.monotonic()
         fresh = GstoreMount(endpoint, bucket, work, "fsx-fresh", args=mount_args, log_level=log_level,
@@ -665,11 +671,12 @@ def fsx_suite(fsx: Path, endpoint: str, bucket: str, client: Any, work: Path, *,
                 error = ""
             except OSError as exc:
                 got2, error = None, str(exc)
-            result.persistence.append(_compare(fname, "fresh mount", expected=through_mount[fname], got=got2,
-                                               missing=error or "unreadable"))
+            result.persistence.append(_with_model(_compare(fname, "fresh mount", expected=through_mount[fname],
+                                                           got=got2, missing=error or "unreadable"),
+                                                  models.get(fname)))
         result.daemon_exit["fresh mount"] = fresh.stop()
         result.durations["fresh mount checks"] = time.monotonic() - t0
-    except ConformanceError as exc:
+    except (ConformanceError, OSError) as exc:
         result.setup_error = str(exc)
     finally:
         for mnt in mounts:
@@ -680,6 +687,24 @@ def fsx_suite(fsx: Path, endpoint: str, bucket: str, client: Any, work: Path, *,
         result.unsupported += [u for u in run.unsupported if u not in result.unsupported]
         result.other_disabled += [u for u in run.other_disabled if u not in result.other_disabled]
     return result
+
+
+def _local_checksum(path: Path) -> tuple[str, int] | None:
+    """(sha256, size) of a local file; None if it is missing or empty (fsx leaves its
+    .fsxgood empty unless the run failed)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return (hashlib.sha256(data).hexdigest(), len(data)) if data else None
+
+
+def _with_model(check: PersistenceCheck, model: tuple[str, int] | None) -> PersistenceCheck:
+    if model is not None and check.got is not None:
+        check.matches_fsx_model = check.got == model[0]
+        check.detail += ("; it equals fsx's model at the failure (.fsxgood)" if check.matches_fsx_model
+                         else f"; fsx's model at the failure (.fsxgood) is {model[1]} bytes sha256 {model[0][:16]}")
+    return check
 
 
 def _sha(value: tuple[str, int] | str | None) -> str | None:
@@ -715,6 +740,8 @@ class TapFile:
     todo: int = 0  # "not ok ... # TODO": expected failures, not counted against the file
     missing: int = 0  # planned but never printed
     not_applicable: bool = False  # the script exited at once (require/quick_exit)
+    bail_out: str | None = None  # "Bail out!" and the line before it
+    error: str | None = None  # the harness could not run it (its folder, the mount gone)
     returncode: int | None = None
     timed_out: bool = False
     duration: float = 0.0
@@ -749,6 +776,12 @@ def parse_tap(name: str, text: str) -> TapFile:
             if len(result.failures) < 20:
                 result.failures.append(line)
     result.missing = max(0, (result.planned or 0) - seen)
+    lines = text.splitlines()
+    for i, raw in enumerate(lines):
+        if raw.startswith("Bail out!"):
+            why = raw.removeprefix("Bail out!").strip() or (lines[i - 1].strip() if i else "")
+            result.bail_out = f"Bail out! {why}".strip()
+            break
     result.first_failure = result.failures[0] if result.failures else None
     result.not_applicable = text.split() == ["1..1", "ok", "1"]  # require()/quick_exit: nothing to test here
     return result
@@ -783,6 +816,8 @@ _ERRNO_LIKE = re.compile(r"^(0|E[A-Z0-9]+)(\|(0|E[A-Z0-9]+))*$")
 def failure_cause(t: TapFile) -> str:
     """A coarse key for grouping failing files by their first failure: the syscall and
     the errno it returned, or the stat fields that came back different."""
+    if t.error:
+        return t.error
     if t.timed_out:
         return "timed out"
     if t.first_failure:
@@ -803,6 +838,8 @@ def failure_cause(t: TapFile) -> str:
             return f"{op}{as_other}: failed with {got}"
         fields = next((w for w in words[2:] if re.fullmatch(r"[a-z_]+(,[a-z_]+)*", w)), "")
         return f"{op} {fields}{as_other}: a different value".replace("  ", " ")
+    if t.bail_out:
+        return "bailed out"
     if t.planned is None:
         return "no TAP plan printed"
     if t.missing:
@@ -817,6 +854,7 @@ class PjdSuiteResult:
     daemon_errors: list[str] = field(default_factory=list)
     daemon_exit: int | None = None
     fs_type: str | None = None
+    kernel_options: str | None = None  # as /proc/mounts shows them
     mount_args: list[str] = field(default_factory=list)
     duration: float = 0.0
     work_dir: str = ""
@@ -865,20 +903,21 @@ def pjdfstest_suite(pjd: Path, endpoint: str, bucket: str, work: Path, *, select
     m = GstoreMount(endpoint, bucket, work, "pjdfstest", args=args, log_level=log_level, drain_timeout=drain_timeout)
     try:
         m.start(wait=mount_timeout)
-        result.fs_type = _fs_type(m.path)
+        entry = _mount_entry(m.path)
+        if entry:
+            result.fs_type, result.kernel_options = entry
         run_dir = m.path / f"pjdfstest-{_dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
         mkdir_via_mount(run_dir, io_timeout)
         for i, rel in enumerate(files, 1):
             if not m.alive():
-                t = TapFile(file=rel, first_failure=None, output_tail="not run: the mount is gone")
-                t.returncode = None
-                result.files.append(t)
+                result.files.append(TapFile(file=rel, error="not run: the mount is gone"))
+                progress(f"[{i}/{len(files)}] {rel}: FAIL (not run: the mount is gone)")
                 continue
             where = run_dir / rel.replace("/", "_").removesuffix(".t")
             try:
                 mkdir_via_mount(where, io_timeout)
             except OSError as exc:
-                result.files.append(TapFile(file=rel, output_tail=str(exc)))
+                result.files.append(TapFile(file=rel, error=f"cannot make its folder on the mount: {exc}"))
                 progress(f"[{i}/{len(files)}] {rel}: FAIL (cannot make its folder: {exc})")
                 continue
             res = run_child(["/bin/sh", str(tests_dir / rel)], timeout=timeout, cwd=where, env=env)
@@ -891,8 +930,9 @@ def pjdfstest_suite(pjd: Path, endpoint: str, bucket: str, work: Path, *, select
             result.files.append(t)
             verdict = "ok  " if t.passed else "FAIL"
             detail = "" if t.passed else f"  {failure_cause(t)}: {t.first_failure or t.output_tail[-200:]}"
-            progress(f"[{i}/{len(files)}] {rel:<22} {verdict} {t.ok}/{t.planned or '?'} {t.duration:5.1f}s{detail}")
-    except ConformanceError as exc:
+            progress(f"[{i}/{len(files)}] {rel:<22} {verdict} {t.ok}/{t.planned or '?'} {t.duration:5.1f}s"
+                     f"{shorten_names(detail)}")
+    except (ConformanceError, OSError) as exc:
         result.setup_error = str(exc)
     finally:
         result.daemon_exit = m.stop()
@@ -901,20 +941,29 @@ def pjdfstest_suite(pjd: Path, endpoint: str, bucket: str, work: Path, *, select
     return result
 
 
-def _fs_type(path: Path) -> str | None:
+def _mount_entry(path: Path) -> tuple[str, str] | None:
+    """(type, options) of the mount at ``path``, from /proc/self/mounts."""
     target = os.path.realpath(path)
     try:
         with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split()
-                if len(fields) > 2 and fields[1].replace("\\040", " ") == target:
-                    return fields[2]
+                if len(fields) > 3 and fields[1].replace("\\040", " ") == target:
+                    return fields[2], fields[3]
     except OSError:
         pass
     return None
 
 
 # --------------------------------------------------------------------------- reporting
+
+
+def shorten_names(text: str, longest: int = 100) -> str:
+    """pjdfstest's long names (255 bytes, paths near PATH_MAX) shortened for a readable table."""
+    def cut(m: re.Match[str]) -> str:
+        word = m.group(0)
+        return f"{word[:20]}...({len(word)} chars)" if len(word) > longest else word
+    return re.sub(r"[^\s']+", cut, text)
 
 
 def format_fsx(res: FsxSuiteResult) -> str:
@@ -957,7 +1006,8 @@ def format_pjdfstest(res: PjdSuiteResult) -> str:
     out = ["== pjdfstest on a gstore mount (local S3 endpoint) =="]
     if res.setup_error:
         out.append(f"SETUP ERROR: {res.setup_error}")
-    out.append(f"mount: {' '.join(res.mount_args)}; file system type {res.fs_type}; running as uid {os.getuid()}")
+    out.append(f"mount: gstore-mount {' '.join(res.mount_args)}; type {res.fs_type}, options {res.kernel_options}; "
+               f"running as uid {os.getuid()}")
     out.append(f"files: {t['files_passed']}/{t['files']} passed ({t['files_not_applicable']} of them exited at once "
                f"as not applicable here)")
     out.append(f"assertions: {t['ok']} ok / {t['planned']} planned; not ok {t['not_ok']}, never run {t['missing']}, "
@@ -966,9 +1016,12 @@ def format_pjdfstest(res: PjdSuiteResult) -> str:
     if failing:
         out.append(f"failing files ({len(failing)}), with their first failing assertion:")
         for f in failing:
-            what = f.first_failure or (f"timed out after {f.duration:.0f}s" if f.timed_out else
-                                       f"{failure_cause(f)}; {f.output_tail.splitlines()[-1] if f.output_tail else ''}")
-            out.append(f"  {f.file:<22} {f.ok}/{f.planned or '?'}  {what}")
+            what = f.first_failure or f.bail_out or f.error or (
+                f"timed out after {f.duration:.0f}s" if f.timed_out else
+                f"{failure_cause(f)}; {f.output_tail.splitlines()[-1] if f.output_tail else ''}")
+            if f.timed_out:
+                what = f"[timed out after {f.duration:.0f}s] {what}"
+            out.append(f"  {f.file:<22} {f.ok}/{f.planned or '?'}  {shorten_names(what)}")
         out.append("failing files grouped by their first failure:")
         for cause, names in res.by_cause().items():
             out.append(f"  {len(names):3d}  {cause}")
@@ -1005,7 +1058,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mount-arg", action="append", default=[], metavar="ARG",
                    help="extra gstore-mount argument, repeatable (e.g. --mount-arg=--write-back-delay=0)")
     p.add_argument("--default-permissions", action="store_true",
-                   help="mount with default_permissions for pjdfstest (the kernel checks modes)")
+                   help="pass --default-permissions to gstore-mount for pjdfstest (the kernel checks modes; "
+                        "gstore turns it on with allow_other anyway)")
     p.add_argument("--fsx-timeout", type=float, default=DEFAULT_FSX_TIMEOUT,
                    help="seconds per fsx run (default %(default)s)")
     p.add_argument("--pjdfstest-timeout", type=float, default=DEFAULT_PJD_TIMEOUT,
@@ -1028,6 +1082,8 @@ def _log(msg: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the mounts are stopped and the children killed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     want_fsx = args.fsx or args.pjdfstest is None
     want_pjd = args.pjdfstest is not None or not args.fsx
     need = [n for n, w in (("fsx", want_fsx), ("pjdfstest", want_pjd)) if w]

@@ -609,6 +609,12 @@ class FileSystem:
         copied = await self.backend.head(new)
         if copied is not None and source.mtime:
             self.metadata.mtimes.set(new, copied.etag, source.mtime)
+        inode = self.inodes.by_path(old)
+        if inode is not None and copied is not None:
+            # Open readers follow the file to its new key (the same bytes) before the old one goes.
+            for handle in self._handles.values():
+                if isinstance(handle, ObjectHandle) and handle.inode is inode:
+                    handle.stream = self.content.open_stream(new, copied)
         await self.backend.delete(old)
         self.metadata.mtimes.drop(old)
         if copied is None:

@@ -139,6 +139,7 @@ class PendingFiles:
         concurrency: int = 8,
         part_concurrency: int = 4,
         reserve_space: Callable[[int], None] | None = None,
+        fsync_patience: float = 60.0,
     ) -> None:
         self.backend = backend
         self.staging = staging
@@ -150,6 +151,8 @@ class PendingFiles:
         self.uploader = Uploader(backend, staging, ensure_local=self.ensure_local, policy=policy,
                                  part_concurrency=part_concurrency)
         self.stats = WriteStats()
+        # How long fsync keeps retrying transient upload failures before it reports EIO.
+        self.fsync_patience = fsync_patience
         self._published: list[Published] = []
         self._reserve_space = reserve_space or (lambda nbytes: None)
         self._staged_bytes = 0
@@ -378,11 +381,23 @@ class PendingFiles:
             staged.persisted_generation = max(staged.persisted_generation, generation)
 
     async def fsync(self, staged: StagedFile) -> list[str]:
-        """fsync(2): durable in the backend; returns the failures (empty when durable)."""
+        """fsync(2): durable in the backend; returns the failures (empty when durable).
+
+        A program takes an fsync error as fatal (SQLite reports "disk I/O error"), so
+        transient failures are retried here, at once, for up to ``fsync_patience``
+        seconds; a failure retrying cannot fix is reported at once.
+        """
         await self.persist(staged)
         if staged.unlinked:
             return []
-        return await self.flush([staged])
+        deadline = trio.current_time() + self.fsync_patience
+        while True:
+            failures = await self.flush([staged], timeout=max(0.0, deadline - trio.current_time()))
+            record = self.scheduler.attempts.get(staged.id)
+            if not failures or (record is not None and record.permanent) or trio.current_time() >= deadline:
+                return failures
+            log.info("fsync of %s: upload failed (%s); trying again", staged.path, "; ".join(failures))
+            await trio.sleep(min(1.0, max(0.0, deadline - trio.current_time())))
 
     async def release(self, staged: StagedFile, *, writer: bool) -> None:
         """A handle on ``staged`` closed for good."""
