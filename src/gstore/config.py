@@ -122,7 +122,7 @@ class MountOptions:
     readahead: int = 64 * MiB
     read_only: bool = False
     allow_other: bool = False
-    default_permissions: bool = False
+    default_permissions: bool = True
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     umask: int = 0o022
@@ -132,6 +132,7 @@ class MountOptions:
     metadata_entries: int = 200_000
     fetch_concurrency: int = 16
     request_timeout: float = 60.0
+    connect_timeout: float = 5.0
     retries: int = 4
     breaker_threshold: int = 10
     breaker_cooldown: float | None = None
@@ -141,6 +142,7 @@ class MountOptions:
     concat_dir: str | None = ".concat"
     diff_dir: str | None = ".diff"
     versions_dir: str | None = ".versions"
+    zip_dir: str | None = ".zip"
     log_level: str = "INFO"
     log_file: Path | None = None
     debug_requests: bool = False
@@ -471,11 +473,12 @@ _FIELDS: dict[str, _Field] = {
                "let other users access the mount (needs user_allow_other in /etc/fuse.conf unless root)",
                "off"),
         _Field("default_permissions", _conv_bool, None,
-               "let the kernel check permissions against the mode, uid and gid shown for each file",
-               "off"),
-        _Field("uid", _conv_int, "N", "numeric user id shown as the owner of every file",
+               "let the kernel check permissions against the mode, uid and gid of each file, as on a "
+               "local disk (--no-default-permissions: every user who can reach the mount may do anything)",
+               "on"),
+        _Field("uid", _conv_int, "N", "numeric user id shown as the owner of files and folders that carry no owner",
                "the uid running gstore-mount", minimum=0, maximum=2**32 - 2),
-        _Field("gid", _conv_int, "N", "numeric group id shown as the group of every file",
+        _Field("gid", _conv_int, "N", "numeric group id shown as the group of files and folders that carry no group",
                "the gid running gstore-mount", minimum=0, maximum=2**32 - 2),
         _Field("umask", _conv_octal, "OCTAL",
                "permission bits removed from the modes shown (files 0666, directories 0777)", "022"),
@@ -492,6 +495,9 @@ _FIELDS: dict[str, _Field] = {
         _Field("request_timeout", _conv_duration, "DUR",
                "seconds before a backend request is abandoned and the read fails with EIO",
                "60", minimum=0.001),
+        _Field("connect_timeout", _conv_duration, "DUR",
+               "seconds to open a connection to the storage (at most --request-timeout); an endpoint "
+               "that does not accept connections is then known to be down quickly", "5", minimum=0.001),
         _Field("retries", _conv_int, "N",
                "extra attempts of a failed read-side backend request (backoff with jitter), all within "
                "--request-timeout", "4", minimum=0, maximum=20),
@@ -514,6 +520,8 @@ _FIELDS: dict[str, _Field] = {
                "hidden directory of virtual unified diffs in every folder (off: none)", ".diff"),
         _Field("versions_dir", _conv_virtual_dir, "NAME",
                "hidden directory of object versions in every folder (off: none)", ".versions"),
+        _Field("zip_dir", _conv_virtual_dir, "NAME",
+               "hidden directory of virtual zip archives of folders in every folder (off: none)", ".zip"),
         _Field("log_level", _conv_level, "LEVEL", f"log verbosity: {', '.join(LOG_LEVELS)}", "INFO"),
         _Field("log_file", _conv_path, "FILE",
                "write the log to FILE",
@@ -1145,11 +1153,11 @@ def build_mount_request(argv: Sequence[str], env: Mapping[str, str] = os.environ
             f"cache_size ({options.cache_size} bytes) must be at least "
             f"block_size ({options.block_size} bytes)"
         )
-    virtual_dirs = [d for d in (options.concat_dir, options.diff_dir, options.versions_dir) if d]
+    virtual_dirs = [d for d in (options.concat_dir, options.diff_dir, options.versions_dir, options.zip_dir) if d]
     if len(set(virtual_dirs)) != len(virtual_dirs):
         raise ConfigError(
-            f"concat_dir, diff_dir and versions_dir must be different names, got "
-            f"{options.concat_dir!r}, {options.diff_dir!r}, {options.versions_dir!r}"
+            f"concat_dir, diff_dir, versions_dir and zip_dir must be different names, got "
+            f"{options.concat_dir!r}, {options.diff_dir!r}, {options.versions_dir!r}, {options.zip_dir!r}"
         )
     if args.mountpoint is None:
         derived = default_mountpoint(args.spec, config_path, env)

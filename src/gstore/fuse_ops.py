@@ -111,6 +111,7 @@ class Operations(pyfuse3.Operations):
         attrs.st_blksize = found.blksize
         attrs.st_blocks = found.blocks
         attrs.st_atime_ns, attrs.st_mtime_ns, attrs.st_ctime_ns = found.atime_ns, found.mtime_ns, found.ctime_ns
+        attrs.st_rdev = found.rdev
         return attrs
 
     @staticmethod
@@ -194,7 +195,7 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         text = self._name(name)
         with _errors("create", text):
-            fh, inode = await self.fs.create(parent_inode, text, mode, flags)
+            fh, inode = await self.fs.create(parent_inode, text, mode, flags, owner=(ctx.uid, ctx.gid))
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False), self._attributes(inode)
 
     async def release(self, fh: int) -> None:
@@ -218,20 +219,23 @@ class Operations(pyfuse3.Operations):
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        # chown is accepted and ignored: objects have no owner (--uid/--gid say who is shown).
         with _errors("setattr", inode):
             result = await self.fs.setattr(
                 inode,
                 size=attr.st_size if fields.update_size else None,
                 mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                atime=attr.st_atime_ns / 1e9 if fields.update_atime else None,
                 mtime=attr.st_mtime_ns / 1e9 if fields.update_mtime else None,
+                fh=fh,
             )
         return self._attributes(result)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         text = self._name(name)
         with _errors("mkdir", text):
-            return self._attributes(await self.fs.mkdir(parent_inode, text))
+            return self._attributes(await self.fs.mkdir(parent_inode, text, mode, owner=(ctx.uid, ctx.gid)))
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         text = self._name(name)
@@ -289,12 +293,30 @@ class Operations(pyfuse3.Operations):
         with _errors("removexattr", text):
             await self.fs.xattrs.remove(self.fs.inode(inode), text)
 
-    async def _not_permitted(self, *args: object, **kwargs: object) -> None:
-        # Symlinks, hard links and device nodes have no object-store equivalent
-        # that other tools would understand: refused like on FAT (docs/semantics.md).
-        raise pyfuse3.FUSEError(errno.EPERM)
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        text = self._name(name)
+        with _errors("symlink", text):
+            inode = await self.fs.symlink(parent_inode, text, target.decode("utf-8", "surrogateescape"),
+                                          owner=(ctx.uid, ctx.gid))
+        return self._attributes(inode)
 
-    symlink = link = mknod = _not_permitted  # type: ignore[assignment]
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        with _errors("readlink", inode):
+            return (await self.fs.readlink(inode)).encode("utf-8", "surrogateescape")
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        text = self._name(name)
+        with _errors("mknod", text):
+            inode = await self.fs.mknod(parent_inode, text, mode, rdev, owner=(ctx.uid, ctx.gid))
+        return self._attributes(inode)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        text = self._name(new_name)
+        with _errors("link", text):
+            return self._attributes(await self.fs.link(inode, new_parent_inode, text))
 
 
 def mount_options(*, fsname: str, read_only: bool, allow_other: bool, default_permissions: bool) -> set[str]:
@@ -303,7 +325,8 @@ def mount_options(*, fsname: str, read_only: bool, allow_other: bool, default_pe
         options.add("ro")
     if allow_other:
         options.add("allow_other")
-    if default_permissions or allow_other:
+    if default_permissions:
+        # The kernel checks modes and owners (stored with the objects) like on a local disk.
         options.add("default_permissions")
     return options
 

@@ -56,7 +56,7 @@ def test_storage_backend_is_the_union_of_the_parts() -> None:
         "put_bytes", "put_local_file", "delete", "copy", "make_dir", "remove_dir_marker",
         "min_copy_part", "part_size", "start_multipart", "upload_part", "copy_part", "complete_multipart",
         "abort_multipart",
-        "list_versions", "set_content_type", "add_listener", "health",
+        "list_versions", "set_content_type", "add_listener", "health", "key_bytes", "update_metadata",
     }
 
 
@@ -126,11 +126,11 @@ def test_capabilities_are_declared_honestly(tmp_path: Any, s3_server: Any, bucke
     assert backends["file"].capabilities == local
     assert backends["resilient-memory"].capabilities == local
     s3 = Capabilities(conditional_writes=True, server_copy=True, multipart=True, versions=True,
-                      content_type=True, user_metadata=True, local_file_upload=False)
+                      content_type=True, user_metadata=True, local_file_upload=False, max_key_bytes=1024)
     assert backends["s3"].capabilities == s3
     assert backends["resilient-s3"].capabilities == s3
     assert Capabilities.names() == ("conditional_writes", "server_copy", "multipart", "versions",
-                                    "content_type", "user_metadata", "local_file_upload")
+                                    "content_type", "user_metadata", "local_file_upload", "max_key_bytes")
     with pytest.raises(AttributeError):
         s3.multipart = False  # type: ignore[misc]  # frozen
 
@@ -145,6 +145,7 @@ UNSUPPORTED_ON_FSSPEC: dict[str, Callable[[Any], Coroutine[Any, Any, Any]]] = {
     "abort_multipart": lambda b: b.abort_multipart("f", "u"),
     "list_versions": lambda b: b.list_versions("f"),
     "set_content_type": lambda b: b.set_content_type("f", "text/plain"),
+    "update_metadata": lambda b: b.update_metadata("f", {"mode": "33188"}, content_type=None, if_match=None),
     "put_bytes if_match": lambda b: b.put_bytes("f", b"x", if_match="abc"),
     "put_bytes if_none_match": lambda b: b.put_bytes("f", b"x", if_none_match=True),
 }
@@ -283,6 +284,9 @@ class Recorder:
     def cache_key(self, path: str) -> str:
         return self._hit("cache_key", (path,), {}, "rec|" + path)
 
+    def key_bytes(self, path: str) -> int:
+        return self._hit("key_bytes", (path,), {}, len(path))
+
     def part_size(self, size: int) -> int:
         return self._hit("part_size", (size,), {}, 42)
 
@@ -319,8 +323,8 @@ class Recorder:
     async def copy(self, source_path: str, target_path: str, source: ObjectInfo) -> None:
         self._hit("copy", (source_path, target_path, source), {}, None)
 
-    async def make_dir(self, path: str) -> None:
-        self._hit("make_dir", (path,), {}, None)
+    async def make_dir(self, path: str, **kwargs: Any) -> None:
+        self._hit("make_dir", (path,), kwargs, None)
 
     async def remove_dir_marker(self, path: str) -> None:
         self._hit("remove_dir_marker", (path,), {}, None)
@@ -345,6 +349,9 @@ class Recorder:
 
     async def set_content_type(self, path: str, content_type: str) -> ObjectInfo:
         return self._hit("set_content_type", (path, content_type), {}, INFO)
+
+    async def update_metadata(self, path: str, metadata: Any, **kwargs: Any) -> ObjectInfo:
+        return self._hit("update_metadata", (path, metadata), kwargs, INFO)
 
     def add_listener(self, callback: Callable[[str], None]) -> None:
         raise AssertionError("the retry layer has its own listeners")
@@ -386,6 +393,9 @@ FORWARDED: dict[str, tuple[Callable[[Any], Any], tuple[Any, ...], dict[str, Any]
     "abort_multipart": (lambda b: b.abort_multipart("p", "u"), ("p", "u"), {}, "once"),
     "list_versions": (lambda b: b.list_versions("p"), ("p",), {}, "once"),
     "set_content_type": (lambda b: b.set_content_type("p", "t/y"), ("p", "t/y"), {}, "once"),
+    "key_bytes": (lambda b: b.key_bytes("p"), ("p",), {}, "direct"),
+    "update_metadata": (lambda b: b.update_metadata("p", {"m": "1"}, content_type=None, if_match="e"),
+                        ("p", {"m": "1"}), {"content_type": None, "if_match": "e"}, "once"),
 }
 OWN = {"add_listener", "health"}  # the retry layer's own: its breaker
 ATTRIBUTES = {"display", "cache_namespace", "capabilities", "min_copy_part"}

@@ -741,7 +741,7 @@ def test_minimal_request_defaults(env: dict[str, str], home: Path, mnt: Path) ->
     assert (options.metadata_entries, options.fetch_concurrency, options.request_timeout) == (200_000, 16, 60.0)
     assert (options.write_back_delay, options.drain_timeout, options.log_level) == (5.0, 300.0, "INFO")
     assert (options.foreground, options.read_only, options.allow_other, options.default_permissions) == (
-        False, False, False, False,
+        False, False, False, True,
     )  # fmt: skip
     assert (options.log_file, options.fsname) == (None, None)
 

@@ -26,6 +26,9 @@ from gstore.backends.base import (
 )
 from gstore.backends.resilience import ResiliencePolicy, ResilientBackend
 
+#: Seconds to open a connection to the storage (``--connect-timeout``).
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
 
 def make_backend(
     protocol: str,
@@ -36,6 +39,7 @@ def make_backend(
     retries: int | None = None,
     breaker_threshold: int | None = None,
     breaker_cooldown: float | None = None,
+    connect_timeout: float | None = None,
     resilient: bool = True,
 ) -> StorageBackend:
     """Create the backend for a mount, wrapped in retries and a circuit breaker.
@@ -44,6 +48,9 @@ def make_backend(
     means 60 s. The library's own retries (s3fs, botocore) are turned down to
     a single attempt unless the options ask otherwise, so that the total time
     an operation may take is decided in one place (:mod:`.resilience`).
+    ``connect_timeout`` (default 5 s, never more than ``request_timeout``)
+    bounds opening a connection, apart from waiting for an answer: an endpoint
+    that does not accept connections is known to be down in seconds.
 
     Must run in the daemon process after it has forked: fsspec starts its IO
     thread when the first async filesystem is created, and that thread does
@@ -66,6 +73,11 @@ def make_backend(
             # large copy the server is still working on; reads are bounded by gstore's
             # own per-request deadline (--request-timeout) instead.
             config_kwargs.setdefault("read_timeout", 600)
+            # Opening a connection is quick or never (botocore waits 60 s by default).
+            connect = DEFAULT_CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
+            if request_timeout is not None:
+                connect = min(connect, request_timeout)
+            config_kwargs.setdefault("connect_timeout", connect)
             opts["config_kwargs"] = config_kwargs
         fs = fsspec.filesystem("s3", **opts)
         if resilient:

@@ -52,6 +52,18 @@ class ObjectInfo:
     etag: str | None = None  # without quotes
     version_id: str | None = None
     content_type: str | None = None
+    # POSIX attributes kept in the object's metadata (gstore.backends.objectmeta); None:
+    # not stored, or not known (a listing carries none of them): the mount's defaults show.
+    mode: int | None = None  # st_mode with the file type bits
+    uid: int | None = None
+    gid: int | None = None
+    ctime: float | None = None
+    atime: float | None = None
+    rdev: int = 0
+    xattrs: tuple[tuple[str, bytes], ...] | None = None
+    # The attributes above come from the object itself (a HEAD, or this mount's own
+    # writes), not from a listing: a lookup need not ask again.
+    detailed: bool = False
 
     @property
     def identity(self) -> str:
@@ -159,6 +171,9 @@ class Capabilities:
     #: ``put_local_file`` uploads a local file without reading it into memory
     #: (how large files reach a backend without multipart).
     local_file_upload: bool = False
+    #: The longest key the store accepts, in bytes (S3: 1,024), for ENAMETOOLONG at
+    #: create rather than an upload that fails later; None: no limit known.
+    max_key_bytes: int | None = None
 
     def supports(self, feature: Feature) -> bool:
         value = getattr(self, feature)
@@ -209,6 +224,10 @@ class ReadingBackend(Protocol):
 
     def cache_key(self, path: str) -> str:
         """A string naming ``path`` on this backend (not its version), for the block cache."""
+        ...
+
+    def key_bytes(self, path: str) -> int:
+        """How long the backend's key for ``path`` is, in bytes (see ``max_key_bytes``)."""
         ...
 
     async def probe(self) -> None:
@@ -280,8 +299,9 @@ class WritingBackend(Protocol):
     async def copy(self, source_path: str, target_path: str, source: ObjectInfo) -> None:
         """Copy the version ``source`` of ``source_path`` to ``target_path``."""
 
-    async def make_dir(self, path: str) -> None:
-        """Create directory ``path`` (on object stores: a ``path/`` marker object)."""
+    async def make_dir(self, path: str, *, metadata: Mapping[str, str] | None = None) -> None:
+        """Create directory ``path`` (on object stores: a ``path/`` marker object, carrying
+        ``metadata`` where ``capabilities.user_metadata``)."""
 
     async def remove_dir_marker(self, path: str) -> None:
         """Remove the empty directory ``path`` (its marker); no error if there is none."""
@@ -347,6 +367,12 @@ class ContentTypeBackend(Protocol):
 
     async def set_content_type(self, path: str, content_type: str) -> ObjectInfo:
         """Set the Content-Type, keeping the bytes and the other metadata; returns the new info."""
+        ...
+
+    async def update_metadata(self, path: str, metadata: Mapping[str, str], *, content_type: str | None,
+                              if_match: str | None) -> ObjectInfo:
+        """Replace the user metadata (``capabilities.user_metadata``), keeping the bytes;
+        ``if_match``: only if the object still has that ETag (else ESTALE)."""
         ...
 
 

@@ -108,6 +108,9 @@ class FsspecBackend(NoHealth):
     def cache_key(self, path: str) -> str:
         return f"{self.cache_namespace}|{self._full(path)}"
 
+    def key_bytes(self, path: str) -> int:
+        return len(self._full(path).encode("utf-8", "surrogateescape"))
+
     async def _do(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``fs.NAME`` (or the async ``fs._NAME``) without blocking trio; errors as OSError."""
         try:
@@ -223,8 +226,8 @@ class FsspecBackend(NoHealth):
     async def delete(self, path: str) -> None:
         await self._do("rm_file", self._full(path))
 
-    async def make_dir(self, path: str) -> None:
-        await self._do("makedirs", self._full(path), exist_ok=True)
+    async def make_dir(self, path: str, *, metadata: Mapping[str, str] | None = None) -> None:
+        await self._do("makedirs", self._full(path), exist_ok=True)  # metadata: nowhere to keep it
 
     async def remove_dir_marker(self, path: str) -> None:
         try:
@@ -280,6 +283,10 @@ class FsspecBackend(NoHealth):
 
     async def set_content_type(self, path: str, content_type: str) -> ObjectInfo:
         raise not_supported("content_type", f"set the Content-Type of {path}", self.display)
+
+    async def update_metadata(self, path: str, metadata: Mapping[str, str], *, content_type: str | None,
+                              if_match: str | None) -> ObjectInfo:
+        raise not_supported("user_metadata", f"change the metadata of {path}", self.display)
 
 
 if TYPE_CHECKING:  # the static proof that the class implements the whole protocol

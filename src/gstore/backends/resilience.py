@@ -24,20 +24,35 @@ see it.
   it (S3: at least 600 s for PUTs, parts, completes and copies).
 * **Circuit breaker.** ``breaker_threshold`` consecutive transient failures
   (of any operation) open the circuit: every call fails at once with ``EIO``
-  instead of piling requests on a dead backend. A background probe (the
-  backend's own ``probe()``) runs every ``breaker_cooldown`` seconds while it
-  is open; the first success closes the circuit and tells the listeners (the
-  write-back queue retries its failed uploads at once).
+  instead of piling requests on a dead backend. A request that got *no answer
+  at all* within its time (a hung backend, a connect timeout) opens it at once,
+  unless another request succeeded meanwhile (then the backend is slow for
+  that one request, not gone): a hung backend costs one timeout, not ten. The
+  operation whose timeout opened the circuit may try once more (a stuck pooled
+  connection is common and a new one usually works); everyone else fails fast.
+  A background probe (the backend's own ``probe()``) runs at once and then
+  every ``breaker_cooldown`` seconds while it is open; the first success
+  closes the circuit and tells the listeners (the write-back queue retries its
+  failed uploads at once). Open means *offline*: the metadata cache answers
+  from what it last knew and the block cache serves what it holds.
+* **One request, one budget.** :func:`request_scope` marks everything a task
+  does until it leaves the scope as one request: every side-effect free
+  operation inside shares one ``deadline`` (``--request-timeout``), so a
+  lookup that needs a LIST and a HEAD never waits twice the timeout.
 * :meth:`ResilientBackend.health` is the snapshot ``gstore status`` shows.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import errno
 import logging
 import random
+import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -87,6 +102,9 @@ class CircuitOpenError(BackendError):
 class CircuitBreaker:
     """Consecutive-failure breaker: closed → open → (probe) → closed.
 
+    *Closed* is "online", *open* and *half-open* are "offline": the listeners
+    hear of each change once, and each change is one log line.
+
     Not thread-safe: used from the trio thread only.
     """
 
@@ -101,7 +119,14 @@ class CircuitBreaker:
         self.fast_failures = 0
         self.last_error: str | None = None
         self.last_error_at: float | None = None  # wall clock
+        self.last_success_at: float | None = None  # our clock: when a call last got an answer
+        self.changed_at = time.time()  # wall clock of the last change between online and offline
+        self.opened_by: str | None = None  # "timeout" or "failures", while open
         self._listeners: list[Callable[[str], None]] = []
+
+    @property
+    def online(self) -> bool:
+        return self.state == CLOSED
 
     def add_listener(self, callback: Callable[[str], None]) -> None:
         """``callback(new_state)`` on every change of state (exceptions are logged, not raised)."""
@@ -120,11 +145,14 @@ class CircuitBreaker:
 
     def success(self) -> None:
         self.consecutive_failures = 0
+        self.last_success_at = self._clock()
         if self.state != CLOSED:
-            log.warning("backend reachable again; circuit closed after %.1fs",
+            log.warning("backend reachable again after %.1fs: online, normal cache lifetimes again",
                         self._clock() - (self.opened_at or self._clock()))
             self.state = CLOSED
             self.opened_at = None
+            self.opened_by = None
+            self.changed_at = time.time()
             self._notify()
 
     def failure(self, exc: BaseException) -> None:
@@ -132,15 +160,36 @@ class CircuitBreaker:
         self.last_error = _short(exc)
         self.last_error_at = time.time()
         if self.state == CLOSED and self.consecutive_failures >= self.threshold:
-            self.state = OPEN
-            self.opened_at = self._clock()
-            self.times_opened += 1
-            log.error("backend unavailable: %d consecutive failures (last: %s); circuit open, "
-                      "calls fail fast, probing every %gs", self.consecutive_failures, self.last_error,
-                      self.cooldown)
-            self._notify()
+            self._open("failures", f"{self.consecutive_failures} consecutive failures")
         elif self.state == HALF_OPEN:
             self.state = OPEN
+
+    def no_answer(self, exc: BaseException, started: float) -> bool:
+        """A call started at ``started`` (our clock) got no answer at all in its time.
+
+        Opens the circuit at once unless some call succeeded since ``started``
+        (then the backend answers, only slowly or not to this request: an
+        ordinary failure). Returns whether this call opened it.
+        """
+        if self.state != CLOSED or (self.last_success_at is not None and self.last_success_at > started):
+            self.failure(exc)
+            return False
+        self.consecutive_failures += 1
+        self.last_error = _short(exc)
+        self.last_error_at = time.time()
+        self._open("timeout", f"no answer within {self._clock() - started:.1f}s")
+        return True
+
+    def _open(self, cause: str, why: str) -> None:
+        self.state = OPEN
+        self.opened_at = self._clock()
+        self.opened_by = cause
+        self.times_opened += 1
+        self.changed_at = time.time()
+        log.error("backend unreachable (%s; last error: %s): offline; answering from the last known "
+                  "listings and cached blocks, other calls fail fast (EIO), uploads stay queued; "
+                  "probing every %gs", why, self.last_error, self.cooldown)
+        self._notify()
 
     def probing(self) -> None:
         if self.state == OPEN:
@@ -157,6 +206,9 @@ class CircuitBreaker:
         now = self._clock()
         return {
             "state": self.state,
+            "online": self.online,
+            "since": _iso(self.changed_at),
+            "opened_by": self.opened_by,
             "consecutive_failures": self.consecutive_failures,
             "threshold": self.threshold,
             "cooldown_s": self.cooldown,
@@ -164,9 +216,12 @@ class CircuitBreaker:
             "times_opened": self.times_opened,
             "fast_failures": self.fast_failures,
             "last_error": self.last_error,
-            "last_error_at": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_error_at))
-                              if self.last_error_at else None),
+            "last_error_at": _iso(self.last_error_at) if self.last_error_at else None,
         }
+
+
+def _iso(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def _short(exc: BaseException) -> str:
@@ -177,6 +232,75 @@ def _short(exc: BaseException) -> str:
 # Side-effect free operations: retried, and (the first three) bounded per attempt.
 _RETRIED = frozenset({"stat", "head", "read_range", "list_dir", "walk"})
 _PER_ATTEMPT_LIMIT = frozenset({"stat", "head", "read_range"})
+
+
+def _no_answer(exc: BaseException) -> bool:
+    """Whether ``exc`` means the backend did not answer at all in time (a hang, a connect
+    timeout), as opposed to answering with an error (a 5xx, a refused connection, or S3's
+    own ``RequestTimeout``, which is an answer)."""
+    found = False
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            break
+        if isinstance(getattr(current, "response", None), dict):
+            return False  # an HTTP answer, whatever it says
+        if isinstance(current, (trio.TooSlowError, TimeoutError, asyncio.TimeoutError, socket.timeout)):
+            found = True
+        elif isinstance(current, BackendError) and current.errno == errno.ETIMEDOUT:
+            found = True
+        else:
+            kind = type(current)
+            if "Timeout" in kind.__name__ and (kind.__module__ or "").startswith(
+                    ("aiohttp", "botocore", "aiobotocore", "urllib3")):
+                found = True
+        current = current.__cause__
+    return found
+
+
+# The request the current task is serving (see request_scope): (task, trio time it began).
+_REQUEST: contextvars.ContextVar[tuple[object, float] | None] = contextvars.ContextVar(
+    "gstore_request", default=None)
+
+
+@contextmanager
+def request_scope() -> Iterator[None]:
+    """Everything the current task does inside is one request: one ``--request-timeout`` in total.
+
+    Every side-effect free operation of a :class:`ResilientBackend` inside the
+    scope (a LIST, then a HEAD, retries included) ends by the time the first
+    one began plus the policy's deadline; an operation that would start after
+    that fails at once with EIO. Nested scopes keep the outer start. Tasks
+    started from inside (prefetches) are not bound by it: the scope belongs to
+    the task that entered it. Writes are not bounded by it (see the module
+    docstring). Outside trio it does nothing.
+    """
+    try:
+        task = trio.lowlevel.current_task()
+    except RuntimeError:
+        task = None
+    current = _REQUEST.get()
+    if task is None or (current is not None and current[0] is task):
+        yield
+        return
+    token = _REQUEST.set((task, trio.current_time()))
+    try:
+        yield
+    finally:
+        _REQUEST.reset(token)
+
+
+def _request_elapsed() -> float | None:
+    """Seconds the current task's request (request_scope) has run; None outside one."""
+    current = _REQUEST.get()
+    if current is None:
+        return None
+    try:
+        if current[0] is not trio.lowlevel.current_task():
+            return None
+        return max(0.0, trio.current_time() - current[1])
+    except RuntimeError:
+        return None
 
 
 class ResilientBackend:
@@ -231,6 +355,9 @@ class ResilientBackend:
 
     def cache_key(self, path: str) -> str:
         return self._inner.cache_key(path)
+
+    def key_bytes(self, path: str) -> int:
+        return self._inner.key_bytes(path)
 
     async def probe(self) -> None:
         # The startup check: one attempt, a clear message; never trips the breaker.
@@ -291,8 +418,8 @@ class ResilientBackend:
     async def copy(self, source_path: str, target_path: str, source: ObjectInfo) -> None:
         await self._once("copy", self._inner.copy, (source_path, target_path, source), {})
 
-    async def make_dir(self, path: str) -> None:
-        await self._once("make_dir", self._inner.make_dir, (path,), {})
+    async def make_dir(self, path: str, *, metadata: Mapping[str, str] | None = None) -> None:
+        await self._once("make_dir", self._inner.make_dir, (path,), {"metadata": metadata} if metadata else {})
 
     async def remove_dir_marker(self, path: str) -> None:
         await self._once("remove_dir_marker", self._inner.remove_dir_marker, (path,), {})
@@ -360,6 +487,12 @@ class ResilientBackend:
         self._require("content_type", f"set the Content-Type of {path}")
         return await self._once("set_content_type", self._inner.set_content_type, (path, content_type), {})
 
+    async def update_metadata(self, path: str, metadata: Mapping[str, str], *, content_type: str | None,
+                              if_match: str | None) -> ObjectInfo:
+        self._require("user_metadata", f"change the metadata of {path}")
+        return await self._once("update_metadata", self._inner.update_metadata, (path, metadata),
+                                {"content_type": content_type, "if_match": if_match})
+
     def _require(self, feature: Feature, operation: str) -> None:
         """ENOTSUP before the breaker sees anything: an unsupported call says nothing about health."""
         self.capabilities.require(feature, operation, self.display)
@@ -373,22 +506,28 @@ class ResilientBackend:
         what = f"{name} {args[0] if args else ''}".strip()
         self.breaker.check(what)
         self.calls += 1
+        started = self._clock()
         try:
             result = await fn(*args, **kwargs)
         except Exception as exc:
-            self._record(exc)
+            self._record(exc, started)
             raise
         self.breaker.success()
         return result
 
-    def _record(self, exc: BaseException) -> bool:
-        """Tell the breaker about a failure; returns whether it was transient."""
+    def _record(self, exc: BaseException, started: float) -> tuple[bool, bool]:
+        """Tell the breaker about a failure of a call begun at ``started``.
+
+        Returns (transient, whether this failure opened the circuit).
+        """
         transient = classify(exc)[1]
-        if transient:
-            self.breaker.failure(exc)
-        else:
+        if not transient:
             self.breaker.success()  # a definite answer: the backend is there
-        return transient
+            return False, False
+        if _no_answer(exc):
+            return True, self.breaker.no_answer(exc, started)
+        self.breaker.failure(exc)
+        return True, False
 
     async def _retrying(
         self, name: str, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -397,51 +536,77 @@ class ResilientBackend:
         what = f"{name} {args[0] if args else ''}".strip()
         started = self._clock()
         deadline = started + policy.deadline
+        elapsed = _request_elapsed()
+        if elapsed is not None:  # inside a request that already spent some of its budget
+            deadline -= elapsed
         limit_attempt = name in _PER_ATTEMPT_LIMIT
+        # A full listing or a walk is many requests, each bounded by the backend's own
+        # per-request timeout: its first attempt is not cut here (a folder of a million
+        # keys may take longer than one request may); retries are.
+        many_requests = name == "walk" or (name == "list_dir" and kwargs.get("max_pages") is None)
         attempt = 0
+        trial = False  # this attempt is the one retry allowed after our own timeout opened the circuit
         last: BaseException | None = None
         while True:
-            try:
-                self.breaker.check(what)
-            except CircuitOpenError as exc:
-                if last is None:
-                    raise
-                self.failed_operations += 1
-                raise BackendError(errno.EIO, f"{what}: gave up after {attempt} attempt(s): {exc}",
-                                   transient=True) from last
+            if not trial:
+                try:
+                    self.breaker.check(what)
+                except CircuitOpenError as exc:
+                    if last is None:
+                        raise
+                    self.failed_operations += 1
+                    raise BackendError(errno.EIO, f"{what}: gave up after {attempt} attempt(s): {exc}",
+                                       transient=True) from last
             remaining = deadline - self._clock()
-            per_attempt = remaining
+            if remaining <= 0:
+                self.failed_operations += 1
+                raise BackendError(
+                    errno.EIO, f"{what}: not sent: this request has used its {policy.deadline:g}s "
+                    "(--request-timeout)" + (f"; last error: {_short(last)}" if last else ""), transient=True,
+                ) from last
+            if limit_attempt and policy.retries and not trial:
+                per_attempt: float | None = min(remaining, max(policy.deadline / 2, 0.001))
+            elif many_requests and attempt == 0:
+                per_attempt = None
+            else:
+                per_attempt = remaining
             self.calls += 1
+            attempt_started = self._clock()
+            opened = False
             try:
-                if limit_attempt:
-                    per_attempt = remaining if policy.retries == 0 else min(remaining, max(policy.deadline / 2, 0.001))
+                if per_attempt is None:
+                    result = await fn(*args, **kwargs)
+                else:
                     with trio.fail_after(max(per_attempt, 0.001)):
                         result = await fn(*args, **kwargs)
-                else:
-                    result = await fn(*args, **kwargs)
             except trio.TooSlowError:
                 last = BackendError(errno.ETIMEDOUT, f"{what}: no answer within {per_attempt:.3g}s", transient=True)
-                self.breaker.failure(last)
+                opened = self.breaker.no_answer(last, attempt_started)
             except Exception as exc:
-                if not self._record(exc):
+                transient, opened = self._record(exc, attempt_started)
+                if not transient:
                     raise  # a definite answer: not found, denied, stale...
                 last = exc
             else:
                 self.breaker.success()
                 return result
             attempt += 1
-            delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1)) * self._rng.uniform(0.5, 1.0)
+            trial = opened and not trial  # our own timeout opened it: one more try, on a new connection
+            delay = 0.0 if trial else (
+                min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1)) * self._rng.uniform(0.5, 1.0))
             remaining = deadline - self._clock()
-            if attempt > policy.retries or delay >= remaining or self.breaker.state != CLOSED:
+            if (attempt > policy.retries or delay >= remaining or remaining <= 0.001
+                    or (self.breaker.state != CLOSED and not trial)):
                 self.failed_operations += 1
-                elapsed = self._clock() - started
+                elapsed_here = self._clock() - started
                 raise BackendError(
-                    errno.EIO, f"{what}: failed after {attempt} attempt(s) in {elapsed:.1f}s: {_short(last)}",
+                    errno.EIO, f"{what}: failed after {attempt} attempt(s) in {elapsed_here:.1f}s: {_short(last)}",
                     transient=True,
                 ) from last
             self.retries += 1
             log.debug("%s failed (attempt %d): %s; retrying in %.2fs", what, attempt, _short(last), delay)
-            await trio.sleep(delay)
+            if delay:
+                await trio.sleep(delay)
 
     # -- recovery --------------------------------------------------------------------
 
@@ -454,9 +619,14 @@ class ResilientBackend:
                 pass
 
     async def _probe_until_closed(self) -> None:
+        # Opened by a request that got no answer: probe at once, so one stuck request
+        # (while the backend is fine) costs no more than this probe. Opened by a run of
+        # failures (throttling, errors): wait a cooldown first, to give the backend a rest.
+        wait = 0.0 if self.breaker.opened_by == "timeout" else self.policy.breaker_cooldown
         try:
             while self.breaker.state != CLOSED:
-                await trio.sleep(self.policy.breaker_cooldown)
+                await trio.sleep(wait)
+                wait = self.policy.breaker_cooldown
                 if self.breaker.state == CLOSED:
                     break
                 self.breaker.probing()
@@ -466,9 +636,11 @@ class ResilientBackend:
                 except trio.TooSlowError:
                     self.breaker.failure(BackendError(errno.ETIMEDOUT, "probe timed out", transient=True))
                 except Exception as exc:  # noqa: BLE001 - any failure keeps the circuit open
-                    err, _transient = classify(exc)
                     # A probe that got a definite answer (denied, missing bucket) still
                     # proves the endpoint answers; only transient failures keep it open.
+                    # (A backend's probe() may wrap the library error in a clearer message
+                    # that lost the "transient" mark: the cause still has it.)
+                    _transient = classify(exc)[1] or (exc.__cause__ is not None and classify(exc.__cause__)[1])
                     if _transient:
                         self.breaker.failure(exc)
                         log.info("backend probe failed: %s", _short(exc))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
+from gstore.backends import objectmeta
 from gstore.backends.base import (
     Capabilities,
     Listing,
@@ -51,13 +53,23 @@ def _timestamp(value: Any) -> float:
 
 def _head_mtime(head: dict[str, Any]) -> float:
     """mtime from the object's metadata ("mtime", as rclone and s3fs-fuse write it), else LastModified."""
-    stored = (head.get("Metadata") or {}).get("mtime")
-    if stored:
-        try:
-            return float(stored)
-        except ValueError:
-            pass
-    return _timestamp(head.get("LastModified"))
+    stored = objectmeta.decode(head.get("Metadata")).mtime
+    return stored if stored is not None else _timestamp(head.get("LastModified"))
+
+
+def _info_from_head(name: str, head: dict[str, Any], *, is_dir: bool = False) -> ObjectInfo:
+    """An object's (or a folder marker's) attributes from a HEAD: with its POSIX metadata."""
+    meta = objectmeta.decode(head.get("Metadata"))
+    mode = meta.mode
+    if mode is not None and is_dir != stat.S_ISDIR(mode):
+        mode = None  # a type that contradicts the key (a marker saying "file"): ignored
+    return ObjectInfo(
+        name=name, is_dir=is_dir, size=0 if is_dir else int(head.get("ContentLength", 0)),
+        mtime=_head_mtime(head), etag=None if is_dir else _strip_etag(head.get("ETag")),
+        version_id=None if is_dir else head.get("VersionId"), content_type=head.get("ContentType"),
+        mode=mode, uid=meta.uid, gid=meta.gid, ctime=meta.ctime, atime=meta.atime, rdev=meta.rdev,
+        xattrs=meta.xattrs, detailed=True,
+    )
 
 
 def redact_url(url: str) -> str:
@@ -94,6 +106,7 @@ S3_CAPABILITIES = Capabilities(
     content_type=True,
     user_metadata=True,
     local_file_upload=False,
+    max_key_bytes=1024,
 )
 
 
@@ -235,11 +248,7 @@ class S3Writes:
             head = await self._call("head_object", Key=self.key_of(path))
         except FileNotFoundError:
             return None
-        return ObjectInfo(
-            name=path.rsplit("/", 1)[-1], is_dir=False, size=int(head.get("ContentLength", 0)),
-            mtime=_head_mtime(head), etag=_strip_etag(head.get("ETag")),
-            version_id=head.get("VersionId"), content_type=head.get("ContentType"),
-        )
+        return _info_from_head(path.rsplit("/", 1)[-1], head)
 
     async def copy(self, source_path: str, target_path: str, source: ObjectInfo) -> None:
         """Server-side copy of one object, keeping its metadata; no bytes pass through us."""
@@ -265,8 +274,41 @@ class S3Writes:
     async def delete(self, path: str) -> None:
         await self._call("delete_object", Key=self.key_of(path))
 
-    async def make_dir(self, path: str) -> None:
-        await self._call("put_object", Key=self.key_of(path) + "/", Body=b"")
+    async def make_dir(self, path: str, *, metadata: Mapping[str, str] | None = None) -> None:
+        """Put the folder's marker object ("path/"), with its attributes as metadata."""
+        kwargs: dict[str, Any] = {}
+        if metadata:
+            kwargs["Metadata"] = dict(metadata)
+        await self._call("put_object", Key=self.key_of(path) + "/", Body=b"", **kwargs)
+
+    def key_bytes(self, path: str) -> int:
+        return len(self.key_of(path).encode("utf-8", "surrogateescape"))
+
+    async def update_metadata(self, path: str, metadata: Mapping[str, str], *, content_type: str | None,
+                              if_match: str | None) -> ObjectInfo:
+        """Replace an object's user metadata in place (a copy onto itself), keeping its bytes,
+        its other headers and, with ``if_match``, only if it is still that version."""
+        key = self.key_of(path)
+        head = await self._call("head_object", Key=key)
+        if if_match is not None and _strip_etag(head.get("ETag")) != if_match:
+            raise StaleObjectError(f"{path} changed on the backend")
+        if int(head.get("ContentLength", 0)) > 5 * 1024**3:
+            raise BackendError(errno.EFBIG, f"{path}: objects over 5 GiB cannot be rewritten in place")
+        kwargs: dict[str, Any] = {
+            "Key": key, "CopySource": {"Bucket": self.bucket, "Key": key},
+            "MetadataDirective": "REPLACE", "Metadata": dict(metadata),
+            "ContentType": content_type or head.get("ContentType") or "application/octet-stream",
+        }
+        if head.get("ETag"):
+            kwargs["CopySourceIfMatch"] = head["ETag"]
+        for name in ("CacheControl", "ContentDisposition", "ContentEncoding", "ContentLanguage"):
+            if head.get(name):
+                kwargs[name] = head[name]
+        await self._call("copy_object", timeout=self.write_timeout, **kwargs)
+        info = await self.head(path)
+        if info is None:
+            raise BackendError(errno.ENOENT, f"{path} vanished while its metadata was changed")
+        return info
 
     async def remove_dir_marker(self, path: str) -> None:
         await self._call("delete_object", Key=self.key_of(path) + "/")
@@ -404,18 +446,17 @@ class S3Backend(S3Writes, NoHealth):
         except FileNotFoundError:
             head = None
         if head is not None:
-            return ObjectInfo(
-                name=name,
-                is_dir=False,
-                size=int(head.get("ContentLength", 0)),
-                mtime=_head_mtime(head),
-                etag=_strip_etag(head.get("ETag")),
-                version_id=head.get("VersionId"),
-                content_type=head.get("ContentType"),
-            )
+            return _info_from_head(name, head)
         # No object: a directory exists if anything lives under "key/".
         listing = await self._call("list_objects_v2", Prefix=key + "/", Delimiter="/", MaxKeys=1)
-        if listing.get("KeyCount", 0) or listing.get("Contents") or listing.get("CommonPrefixes"):
+        contents = listing.get("Contents") or ()
+        if contents and contents[0].get("Key") == key + "/":
+            # A marker object: it carries the folder's mode, owner and times.
+            try:
+                return _info_from_head(name, await self._call("head_object", Key=key + "/"), is_dir=True)
+            except FileNotFoundError:
+                pass
+        if listing.get("KeyCount", 0) or contents or listing.get("CommonPrefixes"):
             return ObjectInfo(name=name, is_dir=True)
         raise FileNotFoundError(errno.ENOENT, f"no such object or prefix: {path}")
 

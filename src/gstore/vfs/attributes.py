@@ -28,6 +28,7 @@ class Attributes:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    rdev: int
     entry_timeout: float
     attr_timeout: float
 
@@ -45,19 +46,28 @@ class AttributePolicy:
 
     def of(self, inode: Inode) -> Attributes:
         info = inode.info
-        mode = self._dir_mode if info.is_dir else self._file_mode
+        if info.mode is not None and not inode.virtual:
+            mode = info.mode  # stored with the object (or set here): its type bits included
+        else:
+            mode = self._dir_mode if info.is_dir else self._file_mode
         if inode.virtual:  # computed, read-only: no write bits
             mode &= ~0o222
         # 1 is "unknown" for folders (find(1) does not trust a subdirectory count);
         # 0 for a file unlinked while open (fstat on its descriptor).
         nlink = 0 if inode.unlinked else 1
-        ns = int((info.mtime or self._mounted_at) * 1e9)
+        mtime = info.mtime or self._mounted_at
         return Attributes(
-            ino=inode.ino, mode=mode, nlink=nlink, uid=self.uid, gid=self.gid, size=info.size,
-            blocks=(info.size + 511) // 512, blksize=PREFERRED_IO_SIZE,
-            atime_ns=ns, mtime_ns=ns, ctime_ns=ns,
+            ino=inode.ino, mode=mode, nlink=nlink,
+            uid=self.uid if info.uid is None else info.uid, gid=self.gid if info.gid is None else info.gid,
+            size=info.size, blocks=(info.size + 511) // 512, blksize=PREFERRED_IO_SIZE,
+            atime_ns=_ns(info.atime if info.atime is not None else mtime), mtime_ns=_ns(mtime),
+            ctime_ns=_ns(info.ctime if info.ctime is not None else mtime), rdev=info.rdev,
             entry_timeout=self._entry_ttl, attr_timeout=self._attr_ttl,
         )
+
+
+def _ns(seconds: float) -> int:
+    return int(round(seconds * 1e9))
 
 
 __all__ = ["AttributePolicy", "Attributes", "PREFERRED_IO_SIZE"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import stat
 import time
 
 import cachetools
@@ -38,8 +39,68 @@ class MountContent:
         # MD5s of what this mount uploaded, per (path, ETag): multipart ETags are not
         # MD5s, and the user.md5 xattr should not cost a download to answer.
         self.known_md5: cachetools.LRUCache[tuple[str, str], str] = cachetools.LRUCache(maxsize=100_000)
+        # Folders whose attributes changed here (chmod/chown/utimens, and mtime/ctime when an
+        # entry was created, removed or renamed): laid over what listings say, for the life
+        # of the mount (chmod and friends also reach the folder's marker object).
+        self._folders: cachetools.LRUCache[str, ObjectInfo] = cachetools.LRUCache(maxsize=100_000)
         if pending is not None:
             pending.on_published(self._published)
+
+    # -- folders ---------------------------------------------------------------------
+
+    def decorate(self, path: str, info: ObjectInfo) -> ObjectInfo:
+        """``info`` with what this mount changed about the folder ``path``."""
+        if not info.is_dir:
+            return info
+        known = self._folders.get(path)
+        if known is None:
+            return info
+        return dataclasses.replace(info, mtime=known.mtime, mode=known.mode if known.mode is not None else info.mode,
+                                   uid=known.uid if known.uid is not None else info.uid,
+                                   gid=known.gid if known.gid is not None else info.gid,
+                                   ctime=known.ctime, atime=known.atime if known.atime is not None else info.atime,
+                                   xattrs=known.xattrs if known.xattrs is not None else info.xattrs,
+                                   detailed=known.detailed or info.detailed)
+
+    def set_folder_attributes(self, path: str, current: ObjectInfo, *, mode: int | None = None,
+                              uid: int | None = None, gid: int | None = None, atime: float | None = None,
+                              mtime: float | None = None, xattr: tuple[str, bytes | None] | None = None,
+                              ) -> ObjectInfo:
+        now = time.time()
+        base = self.decorate(path, current)
+        if xattr is not None:
+            name, value = xattr
+            table = dict(base.xattrs or ())
+            if value is None:
+                if name not in table:
+                    raise OSError(errno.ENODATA, "No data available", name)
+                del table[name]
+            else:
+                table[name] = value
+            base = dataclasses.replace(base, xattrs=tuple(sorted(table.items())) or None)
+        info = dataclasses.replace(
+            base, mode=stat.S_IFDIR | (mode & 0o7777) if mode is not None else base.mode,
+            uid=uid if uid is not None else base.uid, gid=gid if gid is not None else base.gid,
+            atime=atime if atime is not None else base.atime, mtime=mtime if mtime is not None else base.mtime or now,
+            ctime=now, detailed=True)
+        self._folders[path] = info
+        if path:
+            self.metadata.remember(path, info)
+        return info
+
+    def learned_folder(self, path: str, info: ObjectInfo) -> None:
+        """A folder's stored attributes, read from its marker object: kept for the mount's life."""
+        if path not in self._folders:
+            self._folders[path] = info
+
+    def folder_changed(self, path: str) -> None:
+        """An entry of folder ``path`` was created, removed or renamed: its mtime and ctime move."""
+        now = time.time()
+        known = self._folders.get(path) or ObjectInfo(name=path.rsplit("/", 1)[-1], is_dir=True)
+        self._folders[path] = dataclasses.replace(known, mtime=now, ctime=now)
+        inode = self.inodes.by_path(path)
+        if inode is not None and inode.info.is_dir:
+            self.inodes.refresh(inode, self.decorate(path, inode.info))
 
     @property
     def read_only(self) -> bool:
@@ -52,7 +113,7 @@ class MountContent:
         staged = self.staged(path)
         if staged is not None:
             return staged.info()
-        return await self.metadata.stat(path)
+        return self.decorate(path, await self.metadata.stat(path))
 
     async def exists(self, path: str) -> bool:
         try:
@@ -64,9 +125,12 @@ class MountContent:
     async def list_dir(self, path: str) -> dict[str, ObjectInfo]:
         """The folder's children: the backend listing with pending writes laid over it."""
         listing = await self.metadata.list_dir(path)
-        if self.pending is None:
-            return listing.entries
-        return self.pending.overlay(path, listing.entries)
+        entries = listing.entries if self.pending is None else self.pending.overlay(path, listing.entries)
+        if self._folders:
+            prefix = f"{path}/" if path else ""
+            entries = {name: self.decorate(prefix + name, info) if info.is_dir else info
+                       for name, info in entries.items()}
+        return entries
 
     async def read_staged(self, staged: StagedFile, offset: int, size: int) -> bytes:
         assert self.pending is not None
@@ -110,8 +174,8 @@ class MountContent:
             return
         if md5 and info.etag:
             self.known_md5[(path, info.etag)] = md5
-        if info.etag and info.mtime:
-            self.metadata.mtimes.set(path, info.etag, info.mtime)
+        if info.etag:
+            self.metadata.mtimes.set(path, info.etag, info.mtime, info)
         self.metadata.forget_path(path)
         self.metadata.remember(path, info)
         inode = self.inodes.by_path(path)

@@ -9,7 +9,18 @@ the mount can ask it.
 * ``.gstore/flush``: reading it uploads everything pending and blocks until it
   is durable; the content is a JSON verdict (``{"ok": true, "failed": []}``).
   Writing paths to it first (one per line, relative to the mount) limits the
-  flush to those paths.
+  flush to those paths. What ``gstore flush`` writes instead is a NUL byte and
+  a JSON object, ``{"paths": [...], "retry": true, "timeout": 30}`` (any name,
+  even one with a newline; ``retry`` tries parked uploads again); the verdict
+  then also lists each file that is not durable at its path (``files``: path,
+  ``state`` parked/failed/timed out/conflict, ``error``, ``saved_as``).
+* ``.gstore/refresh``: paths written to it (one per line, relative to the
+  mount; ``.`` is the whole mount) are forgotten: attributes, listings,
+  negative entries, kernel caches, never pending writes; the next access asks
+  the backend. It happens when the file is read (the content is then a JSON
+  verdict, ``{"ok": true, "refreshed": [...], "errors": []}``) or, if it never
+  is, when it is closed: ``echo dir/file > MNT/.gstore/refresh`` is done when
+  ``echo`` returns.
 
 ``.gstore`` is never listed by readdir and shadows a backend object of that
 name at the root of the mount (docs/semantics.md).
@@ -17,7 +28,9 @@ name at the root of the mount (docs/semantics.md).
 
 from __future__ import annotations
 
+import calendar
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +38,12 @@ from typing import Any
 CONTROL_DIR = ".gstore"
 STATUS_FILE = "status.json"
 FLUSH_FILE = "flush"
-CONTROL_FILES = (STATUS_FILE, FLUSH_FILE)
+REFRESH_FILE = "refresh"
+CONTROL_FILES = (STATUS_FILE, FLUSH_FILE, REFRESH_FILE)
+#: The control files that may be opened for writing.
+WRITABLE_CONTROL_FILES = (FLUSH_FILE, REFRESH_FILE)
+#: Most bytes of paths one open of a writable control file takes.
+MAX_CONTROL_WRITE = 1 << 20
 
 
 def control_path(name: str | None = None) -> str:
@@ -35,6 +53,14 @@ def control_path(name: str | None = None) -> str:
 
 def is_control_path(path: str) -> bool:
     return path == CONTROL_DIR or path.startswith(CONTROL_DIR + "/")
+
+
+def written_paths(handle: ControlHandle) -> list[str]:
+    """The paths written to a control file: one per line, surrounding blanks and slashes
+    stripped, ``.`` meaning the whole mount (``""``)."""
+    text = handle.written.decode("utf-8", "surrogateescape")
+    paths = [line.strip().strip("/") for line in text.splitlines() if line.strip()]
+    return ["" if p == "." else p for p in paths]
 
 
 @dataclass
@@ -51,28 +77,191 @@ class ControlFiles:
         self,
         status: Callable[[], dict[str, Any]],
         flush: Callable[[list[str] | None], Awaitable[list[str]]],
+        refresh: Callable[[list[str]], Awaitable[dict[str, Any]]] | None = None,
+        flush_report: Callable[[FlushRequest], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self._status = status
         self._flush = flush
+        self._refresh = refresh
+        self._flush_report = flush_report  # the detailed flush (see flush_report below)
 
     async def read(self, handle: ControlHandle, offset: int, size: int) -> bytes:
         if handle.content is None:
             if handle.name == STATUS_FILE:
                 handle.content = (json.dumps(self._status(), indent=2, sort_keys=True) + "\n").encode()
+            elif handle.name == REFRESH_FILE:
+                await self._run_refresh(handle)
+            elif self._flush_report is not None:
+                request = parse_flush_request(handle)
+                verdict = request.error_verdict() or await self._flush_report(request)
+                handle.content = (json.dumps(verdict, indent=2) + "\n").encode()
             else:
-                text = handle.written.decode("utf-8", "replace")
-                paths = [line.strip().strip("/") for line in text.splitlines() if line.strip()]
-                paths = ["" if p == "." else p for p in paths]  # "." is the whole mount
+                paths = written_paths(handle)  # "." is the whole mount
                 failed = await self._flush(paths or None)
                 verdict = {"ok": not failed, "failed": failed, "paths": paths or "all"}
                 handle.content = (json.dumps(verdict, indent=2) + "\n").encode()
+        assert handle.content is not None
         return handle.content[offset : offset + size]
+
+    async def closing(self, handle: ControlHandle) -> None:
+        """close(2) of a descriptor: paths written to ``refresh`` and never read are refreshed now."""
+        if handle.name == REFRESH_FILE and handle.content is None and handle.written:
+            await self._run_refresh(handle)
+
+    async def _run_refresh(self, handle: ControlHandle) -> None:
+        paths = written_paths(handle)
+        if self._refresh is None:
+            verdict: dict[str, Any] = {"ok": False, "refreshed": [], "errors": ["refresh is not available"]}
+        elif not paths:
+            verdict = {"ok": True, "refreshed": [], "errors": []}
+        else:
+            verdict = await self._refresh(paths)
+        handle.content = (json.dumps(verdict, indent=2) + "\n").encode()
 
     @staticmethod
     def write(handle: ControlHandle, data: bytes) -> int:
-        if handle.name != FLUSH_FILE:
+        if handle.name not in WRITABLE_CONTROL_FILES:
             raise PermissionError(13, "read-only control file", handle.name)
-        if len(handle.written) + len(data) > 1 << 20:
-            raise OSError(27, "too many paths for one flush", handle.name)
+        if len(handle.written) + len(data) > MAX_CONTROL_WRITE:
+            raise OSError(27, f"too many paths for one {handle.name}", handle.name)
         handle.written.extend(data)
         return len(data)
+
+
+# -- the detailed flush (gstore flush) ---------------------------------------------------------
+
+
+@dataclass
+class FlushRequest:
+    """What a writer of ``.gstore/flush`` asked for."""
+
+    paths: list[str] | None = None  # relative to the mount ("" is all of it); None: everything pending
+    retry: bool = False  # parked uploads (refused for good) are tried again
+    timeout: float | None = None  # seconds to wait at most; None: until durable or failed
+    error: str | None = None  # the request could not be understood
+
+    def error_verdict(self) -> dict[str, Any] | None:
+        if self.error is None:
+            return None
+        return {"ok": False, "error": self.error, "failed": [], "files": []}
+
+
+def parse_flush_request(handle: ControlHandle) -> FlushRequest:
+    """A NUL byte and a JSON object (what ``gstore flush`` sends), or paths one per line."""
+    raw = bytes(handle.written)
+    if not raw.startswith(b"\0"):
+        return FlushRequest(paths=written_paths(handle) or None)
+    try:
+        asked = json.loads(raw[1:].decode("utf-8", "surrogateescape"))
+        if not isinstance(asked, dict):
+            raise ValueError("not a JSON object")
+        paths = asked.get("paths")
+        if paths is not None and not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
+            raise ValueError('"paths" must be a list of strings')
+        timeout = asked.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 <= timeout < 1e9):
+            raise ValueError('"timeout" must be a number of seconds')
+    except ValueError as exc:
+        return FlushRequest(error=f"malformed flush request: {exc}")
+    cleaned = ["" if p.strip("/") in ("", ".") else p.strip("/") for p in paths or []]
+    return FlushRequest(paths=cleaned or None, retry=bool(asked.get("retry")),
+                        timeout=None if timeout is None else float(timeout))
+
+
+async def flush_report(pending: Any, request: FlushRequest) -> dict[str, Any]:
+    """Flush what ``request`` asks and say, file by file, what is not durable at its path.
+
+    ``pending`` is the mount's :class:`~gstore.write.pending.PendingFiles` (None
+    on a read-only mount). Each file that is not durable is listed once:
+    ``parked`` (refused for good: kept locally, not retried until a flush with
+    ``retry`` or a remount), ``failed`` (failed during this flush; the queue
+    keeps retrying), ``timed out`` (still queued), or ``conflict`` (the backend
+    copy changed since this mount read it; ours is durable, at ``saved_as``).
+    """
+    if pending is None:
+        return _flush_verdict(request, [])
+    chosen = [staged for staged in pending.pending()
+              if request.paths is None or any(p == "" or staged.path == p or staged.path.startswith(p + "/")
+                                               for p in request.paths)]
+    before = {}
+    for staged in chosen:
+        record = pending.scheduler.attempts.get(staged.id)
+        before[staged.id] = (staged.path, staged.generation, staged.expect, record.failures if record else 0)
+    conflicts_before = pending.stats.conflicts
+    started = time.time()
+    await pending.flush(chosen, timeout=request.timeout, retry_parked=request.retry)
+    files: list[dict[str, Any]] = []
+    maybe_conflicts: list[str] = []
+    for staged in chosen:
+        path, generation, expect, start_failures = before[staged.id]
+        if pending.durable(staged, generation):
+            # Uploaded, but a keep-both conflict leaves ``expect`` as it was (a success sets it
+            # to the new ETag): a candidate, confirmed below by the conflict copy itself.
+            if expect is not None and staged.expect == expect and not staged.unlinked and staged.path == path:
+                maybe_conflicts.append(path)
+            continue
+        record = pending.scheduler.attempts.get(staged.id)
+        if record is not None and record.permanent:
+            files.append({"path": staged.path, "state": "parked", "parked": True, "error": record.last_error})
+        elif record is not None and record.failures > start_failures:
+            files.append({"path": staged.path, "state": "failed", "parked": False, "error": record.last_error})
+        else:
+            waited = "" if request.timeout is None else f" within {request.timeout:g}s"
+            files.append({"path": staged.path, "state": "timed out", "parked": False,
+                          "error": f"not uploaded{waited}; still queued"})
+    if pending.stats.conflicts > conflicts_before:
+        files += await _conflict_copies(pending.backend, maybe_conflicts, started,
+                                        pending.stats.conflicts - conflicts_before)
+    return _flush_verdict(request, files)
+
+
+def _flush_verdict(request: FlushRequest, files: list[dict[str, Any]]) -> dict[str, Any]:
+    not_durable = [f for f in files if f["state"] != "conflict"]
+    return {
+        "ok": not files,
+        "failed": [f"{f['path']}: {f['error']}" for f in not_durable],  # the plain form, one line each
+        "paths": request.paths or "all",
+        "retry": request.retry,
+        "files": files,
+        "parked": sum(f["state"] == "parked" for f in files),
+        "timed_out": any(f["state"] == "timed out" for f in files),
+        "conflicts": sum(f["state"] == "conflict" for f in files),
+    }
+
+
+async def _conflict_copies(backend: Any, paths: list[str], since: float, count: int) -> list[dict[str, Any]]:
+    """Where this mount's versions went in the keep-both conflicts of this flush.
+
+    The write-back queue counts conflicts but does not say where each copy went;
+    the copy is ``NAME.conflict-YYYYmmddTHHMMSSZ`` next to the file, made during
+    the flush, so the folder's listing shows it.
+    """
+    found: list[dict[str, Any]] = []
+    for path in paths:
+        folder, _, name = path.rpartition("/")
+        saved_as, note = None, None
+        try:
+            listing = await backend.list_dir(folder)
+        except OSError as exc:
+            note = f"the conflict copy could not be listed: {exc}"
+            listing = None
+        best = since - 2.0  # the stamp has whole seconds
+        for entry in (listing.entries if listing is not None else {}):
+            stamp = entry[len(name) + len(".conflict-"):] if entry.startswith(name + ".conflict-") else ""
+            try:
+                when = calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ"))
+            except ValueError:
+                continue
+            if when >= best:
+                best, saved_as = when, f"{folder}/{entry}" if folder else entry
+        if saved_as is not None or note is not None:
+            found.append({"path": path, "state": "conflict", "parked": False, "saved_as": saved_as,
+                          "error": note or "changed on the backend since this mount read it; this mount's "
+                          f"version was saved as {saved_as}"})
+    missing = min(count, len(paths)) - len(found)
+    if missing > 0:
+        found.append({"path": None, "state": "conflict", "parked": False, "saved_as": None,
+                      "error": f"{missing} conflict(s) during this flush whose copy was not found; "
+                      "the daemon log names them"})
+    return found

@@ -25,11 +25,14 @@ import errno
 import itertools
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 
+from gstore.backends import objectmeta
 from gstore.backends.base import ObjectInfo, StorageBackend
 from gstore.cache.reader import BlockReader
+from gstore.errors import classify
 from gstore.vfs.content import MountContent
 from gstore.vfs.control import (
     CONTROL_DIR,
@@ -52,6 +55,8 @@ from gstore.write.staging import StagedFile
 log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+#: An open within this many seconds of the last look at the object trusts it (no HEAD).
+CLOSE_TO_OPEN_WINDOW = 1.0
 
 
 def _err(code: int, what: str) -> OSError:
@@ -83,7 +88,7 @@ class FileSystem:
         self._next_handle = itertools.count(1)
         self.control: ControlFiles | None = None
         self.virtual = VirtualFiles(self.content, virtual_names or VirtualNames(), ttl=attr_ttl)
-        self.xattrs = Xattrs(self.content, self.virtual, ttl=attr_ttl)
+        self.xattrs = Xattrs(self.content, self.virtual, ttl=attr_ttl, store=self._store_xattr)
 
     @property
     def read_only(self) -> bool:
@@ -123,10 +128,14 @@ class FileSystem:
         return self.virtual.parse(inode.path) if inode.virtual else None
 
     def _modifiable_path(self, parent: Inode, name: str) -> str:
-        """``name`` in ``parent`` for a change: never inside or onto a virtual name."""
+        """``name`` in ``parent`` for a change: never inside or onto a virtual name, never a
+        key longer than the backend takes (ENAMETOOLONG now, not a failed upload later)."""
         path = self.child_path(parent, name)
         if parent.virtual or self.virtual.is_virtual_name(name):
             raise _err(errno.EROFS, f"{path}: virtual files are read-only")
+        limit = self.backend.capabilities.max_key_bytes
+        if limit is not None and self.backend.key_bytes(path) > limit:
+            raise _err(errno.ENAMETOOLONG, f"{path}: the object key would exceed {limit} bytes")
         return path
 
     def _remember_virtual(self, path: str, info: ObjectInfo) -> Inode:
@@ -169,7 +178,36 @@ class FileSystem:
             ref = self.virtual.parse(path)
             if ref is not None:
                 return self._remember_virtual(path, await self.virtual.stat(ref))
-        return self.inodes.remember(path, await self.stat_path(path))
+        info = await self.stat_path(path)
+        verified = False
+        if not info.detailed and self.content.staged(path) is None:
+            info, verified = await self._detailed(path, info)
+        inode = self.inodes.remember(path, info)
+        if verified:
+            inode.verified_at = time.monotonic()
+        return inode
+
+    async def _detailed(self, path: str, info: ObjectInfo) -> tuple[ObjectInfo, bool]:
+        """A name looked up on its own gets its stored attributes (one HEAD, remembered per
+        object version): a listing carries none, and ``ls -l`` must stay one LIST."""
+        if not self.backend.capabilities.user_metadata:
+            return info, False
+        try:
+            fresh = await (self.backend.stat(path) if info.is_dir else self.backend.head(path))
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) or classify(exc)[1]:
+                return info, False  # gone meanwhile, or unreachable: what the listing said
+            raise
+        if fresh is None or fresh.is_dir != info.is_dir:
+            return info, False
+        fresh = dataclasses.replace(fresh, name=info.name)
+        if fresh.is_dir:
+            self.content.learned_folder(path, fresh)
+        else:
+            self.metadata.remember(path, fresh)
+            if fresh.etag:
+                self.metadata.mtimes.set(path, fresh.etag, fresh.mtime, fresh)
+        return self.content.decorate(path, fresh), not fresh.is_dir
 
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
@@ -196,7 +234,7 @@ class FileSystem:
 
     async def _refresh(self, inode: Inode) -> None:
         try:
-            info = await self.metadata.stat(inode.path)
+            info = self.content.decorate(inode.path, await self.metadata.stat(inode.path))
         except FileNotFoundError:
             if inode.open_handles:
                 return  # an open file keeps the version it opened
@@ -315,11 +353,8 @@ class FileSystem:
             staged = self.pending.open_for_read(inode.path)
             if staged is not None:
                 return self._staged_handle(inode, staged, writable=False), False, False
-        if time.monotonic() - inode.info_time >= self._attr_ttl:
-            try:
-                await self._refresh(inode)
-            except FileNotFoundError:
-                raise _err(errno.ESTALE, inode.path) from None
+        if time.monotonic() - inode.verified_at >= CLOSE_TO_OPEN_WINDOW:
+            await self._revalidate(inode)
             if self.pending is not None:  # re-check after the await: a writer may have staged it
                 staged = self.pending.open_for_read(inode.path)
                 if staged is not None:
@@ -339,6 +374,26 @@ class FileSystem:
         self.inodes.opened(inode)
         handle = ObjectHandle(inode, self.content, self.content.open_stream(inode.path, info), identity)
         return self._add_handle(handle), keep_cache, direct_io
+
+    async def _revalidate(self, inode: Inode) -> None:
+        """Close-to-open consistency: an open sees the object as it is now (one HEAD), as NFS
+        users expect, unless its attributes were fetched within CLOSE_TO_OPEN_WINDOW."""
+        try:
+            fresh = await self.backend.head(inode.path)
+        except OSError as exc:
+            if classify(exc)[1]:
+                return  # unreachable: what this mount knows (see docs/reliability.md)
+            raise
+        if fresh is None:
+            self.metadata.remember_missing(inode.path)
+            raise _err(errno.ESTALE, inode.path)  # the kernel looks the name up again
+        fresh = dataclasses.replace(fresh, name=inode.info.name)
+        if fresh.identity != inode.info.identity or not inode.info.detailed:
+            self.metadata.remember(inode.path, fresh)
+            if fresh.etag:
+                self.metadata.mtimes.set(inode.path, fresh.etag, fresh.mtime, fresh)
+        self.inodes.refresh(inode, fresh)
+        inode.verified_at = time.monotonic()
 
     async def _open_virtual(self, inode: Inode, writing: bool) -> tuple[int, bool, bool]:
         if writing:
@@ -381,15 +436,20 @@ class FileSystem:
             raise _err(errno.EISDIR, path)
         return info
 
-    async def create(self, parent_ino: int, name: str, mode: int, flags: int) -> tuple[int, Inode]:
+    async def create(self, parent_ino: int, name: str, mode: int, flags: int, *,
+                     owner: tuple[int, int] | None = None) -> tuple[int, Inode]:
         """open(O_CREAT): a new file, or (without O_EXCL) the existing one; opened for writing."""
         parent = self.inode(parent_ino)
         pending = self._require_writable(name)
         path = self._modifiable_path(parent, name)
         async with self.locks.hold(path):
+            existed = pending.get(path) is not None or await self.content.exists(path)
             staged = await pending.create(path, mode, lambda: self._info_or_none(path),
-                                          exclusive=bool(flags & os.O_EXCL), truncate=bool(flags & os.O_TRUNC))
+                                          exclusive=bool(flags & os.O_EXCL), truncate=bool(flags & os.O_TRUNC),
+                                          owner=owner)
         self.metadata.forget_path(path)
+        if not existed:
+            self.content.folder_changed(parent.path)
         inode = self.inodes.remember(path, staged.info())
         return self._staged_handle(inode, staged, writable=True), inode
 
@@ -428,57 +488,152 @@ class FileSystem:
     # -- attributes -----------------------------------------------------------------------------
 
     async def setattr(
-        self, ino: int, *, size: int | None = None, mode: int | None = None, mtime: float | None = None,
-        fh: int | None = None,
+        self, ino: int, *, size: int | None = None, mode: int | None = None, uid: int | None = None,
+        gid: int | None = None, atime: float | None = None, mtime: float | None = None, fh: int | None = None,
     ) -> Inode:
+        """truncate, chmod, chown, utimens (any of them at once); ctime moves with each."""
         inode = self.inode(ino)
-        if inode.virtual:
+        if inode.virtual or is_control_path(inode.path):
             raise _err(errno.EROFS, f"{inode.path}: virtual files are read-only")
+        pending = self._require_writable(inode.path)
+        changes_attributes = any(v is not None for v in (mode, uid, gid, atime, mtime))
+        if inode.info.is_dir:
+            if size is not None:
+                raise _err(errno.EISDIR, inode.path)
+            if changes_attributes:
+                async with self.locks.hold(inode.path):
+                    info = await self._set_folder_attributes(inode, mode=mode, uid=uid, gid=gid, atime=atime,
+                                                             mtime=mtime)
+                self.inodes.refresh(inode, info)
+            return inode
         handle = self._handles.get(fh) if fh is not None else None
         staged: StagedFile | None = handle.staged if isinstance(handle, StagedHandle) else None
         if staged is None and inode.unlinked and isinstance(inode.staged, StagedFile):
             staged = inode.staged
-        if staged is None:
-            staged = self._staged(inode.path)
-        if size is not None:
-            pending = self._require_writable(inode.path)
-            if inode.info.is_dir:
-                raise _err(errno.EISDIR, inode.path)
-            if staged is not None and (staged.unlinked or staged.path != inode.path):
+        detached = staged is not None and (staged.unlinked or staged.path != inode.path)
+        if detached:
+            assert staged is not None
+            if size is not None:
                 await pending.truncate(staged, size)
-            else:
-                path = inode.path
-                async with self.locks.hold(path):
+            if changes_attributes:
+                await pending.set_attributes(staged, mode=mode, uid=uid, gid=gid, atime=atime, mtime=mtime)
+        else:
+            path = inode.path
+            async with self.locks.hold(path):
+                if size is not None:
                     staged = await pending.truncate_path(path, size, lambda: self._fresh_info(path))
+                if changes_attributes:
+                    staged = await pending.stage_attributes(path, lambda: self._fresh_info(path))
+                    await pending.set_attributes(staged, mode=mode, uid=uid, gid=gid, atime=atime, mtime=mtime)
+                staged = staged or pending.get(path)
         if staged is not None:
-            if mode is not None or mtime is not None:
-                assert self.pending is not None
-                await self.pending.set_attributes(staged, mode=mode, mtime=mtime)
             self.inodes.refresh(inode, staged.info())
-        elif mtime is not None and not inode.info.is_dir:
-            # A remote object nobody is writing: keep the time for this mount's view only
-            # (rewriting an object's metadata is a full server-side copy). See docs/semantics.md.
-            info = dataclasses.replace(inode.info, mtime=mtime)
-            self.metadata.mtimes.set(inode.path, info.etag, mtime)
-            self.metadata.remember(inode.path, info)
-            self.inodes.refresh(inode, info)
         return inode
+
+    async def _set_folder_attributes(self, inode: Inode, **changes: object) -> ObjectInfo:
+        """chmod/chown/utimens/setxattr of a folder: kept on its marker object (made if the
+        folder had none). E2BIG (nothing changed) beyond the object's metadata limit."""
+        before = self.content.decorate(inode.path, inode.info)
+        info = self.content.set_folder_attributes(inode.path, inode.info, **changes)  # type: ignore[arg-type]
+        if inode.path and self.backend.capabilities.user_metadata:
+            try:
+                metadata = objectmeta.encode(objectmeta.PosixMeta(
+                    mode=info.mode, uid=info.uid, gid=info.gid, mtime=info.mtime, ctime=info.ctime,
+                    atime=info.atime, xattrs=info.xattrs))
+            except OSError:
+                self.content.set_folder_attributes(inode.path, before)  # undo
+                raise
+            await self.backend.make_dir(inode.path, metadata=metadata)
+        return info
+
+    async def _store_xattr(self, inode: Inode, name: str, value: bytes | None) -> None:
+        """setxattr (``value``) or removexattr (None) of a user.* name kept with the file."""
+        pending = self._require_writable(inode.path)
+        if inode.info.is_dir:
+            async with self.locks.hold(inode.path):
+                self.inodes.refresh(inode, await self._set_folder_attributes(inode, xattr=(name, value)))
+            return
+        if inode.unlinked and isinstance(inode.staged, StagedFile):
+            await pending.set_attributes(inode.staged, xattr=(name, value))
+            self.inodes.refresh(inode, inode.staged.info())
+            return
+        path = inode.path
+        async with self.locks.hold(path):
+            staged = await pending.stage_attributes(path, lambda: self._fresh_info(path))
+            await pending.set_attributes(staged, xattr=(name, value))
+        self.inodes.refresh(inode, staged.info())
+
+    async def readlink(self, ino: int) -> str:
+        inode = self.inode(ino)
+        if inode.info.mode is None or not stat.S_ISLNK(inode.info.mode):
+            raise _err(errno.EINVAL, inode.path)
+        staged = inode.staged if inode.unlinked else self._staged(inode.path)
+        if isinstance(staged, StagedFile):
+            data = await self.content.read_staged(staged, 0, staged.size)
+        else:
+            stream = self.content.open_stream(inode.path, inode.info)
+            data = await self.content.read_stream(stream, 0, inode.info.size)
+        return data.decode("utf-8", "surrogateescape")
 
     # -- namespace changes (path locks held: see the module docstring) ------------------------------
 
-    async def mkdir(self, parent_ino: int, name: str) -> Inode:
+    async def mkdir(self, parent_ino: int, name: str, mode: int = 0o777, *,
+                    owner: tuple[int, int] | None = None) -> Inode:
         parent = self.inode(parent_ino)
         self._require_writable(name)
         path = self._modifiable_path(parent, name)
         async with self.locks.hold(path):
             if await self.content.exists(path):
                 raise _err(errno.EEXIST, path)
-            await self.backend.make_dir(path)
+            limit = self.backend.capabilities.max_key_bytes
+            if limit is not None and self.backend.key_bytes(path) + 1 > limit:  # its marker is "path/"
+                raise _err(errno.ENAMETOOLONG, f"{path}: the folder's key would exceed {limit} bytes")
+            now = time.time()
+            uid, gid = owner if owner is not None else (None, None)
+            info = ObjectInfo(name=name, is_dir=True, mtime=now, mode=stat.S_IFDIR | (mode & 0o7777), uid=uid,
+                              gid=gid, ctime=now, detailed=True)
+            metadata = None
+            if self.backend.capabilities.user_metadata:
+                metadata = objectmeta.encode(objectmeta.PosixMeta(mode=info.mode, uid=uid, gid=gid, mtime=now,
+                                                                  ctime=now))
+            await self.backend.make_dir(path, metadata=metadata)
             self.metadata.forget_path(path)
-            info = ObjectInfo(name=name, is_dir=True, mtime=time.time())
+            self.content.set_folder_attributes(path, info)
             self.metadata.remember(path, info)
             self.metadata.remember_empty_dir(path)  # exists() just saw nothing under it
+        self.content.folder_changed(parent.path)
         return self.inodes.remember(path, info)
+
+    async def symlink(self, parent_ino: int, name: str, target: str, *,
+                      owner: tuple[int, int] | None = None) -> Inode:
+        """A symbolic link: a small object whose bytes are the target (s3fs-fuse's layout)."""
+        return await self._make_node(parent_ino, name, stat.S_IFLNK, 0o777, owner=owner,
+                                     content=target.encode("utf-8", "surrogateescape"))
+
+    async def mknod(self, parent_ino: int, name: str, mode: int, rdev: int = 0, *,
+                    owner: tuple[int, int] | None = None) -> Inode:
+        """A regular file, FIFO, socket or device node: an empty object carrying mode and rdev."""
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise _err(errno.EINVAL, name)
+        return await self._make_node(parent_ino, name, kind, mode & 0o7777, owner=owner,
+                                     rdev=rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)
+
+    async def _make_node(self, parent_ino: int, name: str, kind: int, mode: int, *,
+                         owner: tuple[int, int] | None, rdev: int = 0, content: bytes = b"") -> Inode:
+        parent = self.inode(parent_ino)
+        pending = self._require_writable(name)
+        path = self._modifiable_path(parent, name)
+        async with self.locks.hold(path):
+            if await self.content.exists(path):
+                raise _err(errno.EEXIST, path)
+            staged = await pending.make_node(path, kind, mode, owner=owner, rdev=rdev, content=content)
+        self.metadata.forget_path(path)
+        self.content.folder_changed(parent.path)
+        return self.inodes.remember(path, staged.info())
+
+    async def link(self, ino: int, new_parent_ino: int, new_name: str) -> Inode:
+        raise _err(errno.EOPNOTSUPP, f"{new_name}: hard links cannot be kept in an object store")
 
     async def unlink(self, parent_ino: int, name: str) -> None:
         parent = self.inode(parent_ino)
@@ -510,6 +665,7 @@ class FileSystem:
             if known is not None and staged is not None:
                 known.staged = staged
             self.inodes.detach_path(path)
+        self.content.folder_changed(parent.path)
         await self._keep_directory(parent_path(path))
 
     def _switch_object_handles(self, inode: Inode, staged: StagedFile) -> None:
@@ -551,6 +707,7 @@ class FileSystem:
             self.metadata.forget_path(path)
             self.metadata.remember_missing(path)
             self.inodes.detach_path(path)
+        self.content.folder_changed(parent.path)
 
     async def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str, flags: int) -> None:
         pending = self._require_writable(old_name)
@@ -587,6 +744,8 @@ class FileSystem:
             self.metadata.remember_missing(old)
             self.metadata.remember(new, dataclasses.replace(shown, name=new.rsplit("/", 1)[-1], version_id=None))
             self.inodes.rename_path(old, new)
+        self.content.folder_changed(parent_path(old))
+        self.content.folder_changed(parent_path(new))
         if parent_path(old) != parent_path(new):
             await self._keep_directory(parent_path(old))
 

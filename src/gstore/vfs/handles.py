@@ -136,6 +136,9 @@ class ControlFileHandle(FileHandle):
     async def write(self, offset: int, data: bytes) -> int:
         return ControlFiles.write(self.control, data)
 
+    async def flush(self) -> None:
+        await self.files.closing(self.control)
+
 
 @dataclass(slots=True)
 class DirHandle:

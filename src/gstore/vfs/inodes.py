@@ -36,6 +36,9 @@ class Inode:
     open_identities: dict[str, int] = field(default_factory=dict)
     # A hidden virtual file or directory (.concat, .diff, .versions): read-only, computed.
     virtual: bool = False
+    # Monotonic time the backend last confirmed this object (a HEAD): an open soon after
+    # trusts it (close-to-open consistency without a second request).
+    verified_at: float = 0.0
     # No longer reachable by its path (unlinked or replaced): st_nlink 0 for open handles.
     unlinked: bool = False
     # The pending file (gstore.write.staging.StagedFile) this inode's open handles share,
@@ -104,6 +107,13 @@ class InodeTable:
             inode.info_time = now
         inode.lookups += lookups
         return inode
+
+    def under(self, path: str) -> list[Inode]:
+        """The live inodes of ``path`` and everything below it (every inode for ``""``)."""
+        if path == "":
+            return list(self._by_path.values())
+        prefix = path + "/"
+        return [inode for p, inode in self._by_path.items() if p == path or p.startswith(prefix)]
 
     def refresh(self, inode: Inode, info: ObjectInfo) -> None:
         inode.info = info

@@ -9,15 +9,28 @@ Three caches, all from cachetools and all bounded:
 * attributes: single stat results for paths looked up outside a fresh listing.
 * negatives: paths the backend said do not exist, for a shorter TTL.
 
-Only a definite "not found" is cached negatively; transient errors (timeouts,
-5xx, throttling) propagate to the caller and leave no trace here. Concurrent
-requests for the same path or directory share one backend call.
+Only a definite "not found" is cached negatively. Concurrent requests for the
+same path or directory share one backend call, and the backend calls of one
+``stat`` or ``list_dir`` share one ``--request-timeout``
+(:func:`~gstore.backends.resilience.request_scope`).
+
+**Stale if unreachable.** Listings and attributes that expire are not
+forgotten: they move to a bounded *last known* store (LRU, the same bound as
+the listings). When the backend cannot answer (circuit open, connection
+refused, timeouts, 5xx: any *transient* failure), ``stat`` and ``list_dir``
+answer from the newest of what was last known about the path or its folder,
+however old; a name missing from its folder's last known listing is "not
+found", so a new file can be created in a known folder while offline. With no
+last known answer the failure propagates (EIO). As soon as the backend answers
+again, the normal TTLs apply: the last known store is only read when a
+request failed. Changes made through this mount update it like the fresh caches.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
@@ -25,6 +38,8 @@ import cachetools
 import trio
 
 from gstore.backends.base import Backend, Listing, ObjectInfo
+from gstore.backends.resilience import request_scope
+from gstore.errors import is_transient
 from gstore.vfs.inodes import parent_path
 from gstore.vfs.mtimes import MtimeStore
 
@@ -101,11 +116,20 @@ class MetadataCache:
         )
         self._enabled = {"attr": attr_ttl > 0, "dir": dir_ttl > 0, "neg": negative_ttl > 0}
         self._flight = _SingleFlight()
+        # Folders made by this mount, listed as empty without asking, until a deadline.
+        self._young_dirs: cachetools.LRUCache[str, float] = cachetools.LRUCache(maxsize=10_000)
+        self._young_ttl = negative_ttl
         self._reported: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=10_000)
         # Distinct names looked up past the caches, per folder, within the listing TTL.
         self._folder_lookups: cachetools.TTLCache[str, set[str]] = cachetools.TTLCache(
             maxsize=10_000, ttl=max(dir_ttl, 0.001))
-        self.stats = {"listings": 0, "stats": 0, "listing_hits": 0, "attr_hits": 0, "negative_hits": 0}
+        # The last known answers, however old, for when the backend cannot answer:
+        # (wall time it was learnt, listing or attributes). Bounded like the fresh caches.
+        self._known_listings: cachetools.LRUCache[str, tuple[float, Listing]] = cachetools.LRUCache(
+            maxsize=max(1, max_entries), getsizeof=lambda item: max(1, len(item[1].entries)))
+        self._known_attrs: cachetools.LRUCache[str, tuple[float, ObjectInfo]] = cachetools.LRUCache(maxsize=small)
+        self.stats = {"listings": 0, "stats": 0, "listing_hits": 0, "attr_hits": 0, "negative_hits": 0,
+                      "stale_answers": 0, "unanswered": 0}
 
     # -- queries -----------------------------------------------------------------
 
@@ -121,6 +145,7 @@ class MetadataCache:
             self.stats["attr_hits"] += 1
             return info
         parent = parent_path(path)
+        self._expire_young(parent)
         listing = self._listings.get(parent)
         if listing is not None:
             self.stats["listing_hits"] += 1
@@ -138,14 +163,52 @@ class MetadataCache:
         info = self.cached(path)
         if info is not None:
             return info
-        await self.expect_lookups(parent_path(path), (path,))
-        info = self.cached(path)  # a listing fetched just now may answer (or raise FileNotFoundError)
-        if info is not None:
-            return info
-        return await self._flight.run(("stat", path), lambda: self._fetch_stat(path))
+        with request_scope():
+            try:
+                await self._expect_lookups(parent_path(path), (path,))
+                info = self.cached(path)  # a listing fetched just now may answer (or raise FileNotFoundError)
+                if info is not None:
+                    return info
+                return await self._flight.run(("stat", path), lambda: self._fetch_stat(path))
+            except OSError as exc:
+                if not is_transient(exc):
+                    raise  # a definite answer (not found, denied...)
+                known = self.last_known(path)  # raises FileNotFoundError if the last listing says so
+                if known is None:
+                    self.stats["unanswered"] += 1
+                    raise
+                self.stats["stale_answers"] += 1
+                log.debug("stat %s: backend unavailable (%s); answering from the last known state", path, exc)
+                return known
+
+    def last_known(self, path: str) -> ObjectInfo | None:
+        """What was last known about ``path``, however old (None: nothing).
+
+        The newer of the path's own attributes and its folder's listing wins;
+        a name absent from a newer listing raises ``FileNotFoundError``.
+        """
+        if path == "":
+            return ROOT_INFO
+        attr = self._known_attrs.get(path)
+        listed = self._known_listings.get(parent_path(path))
+        if listed is not None and (attr is None or listed[0] >= attr[0]):
+            found = listed[1].entries.get(path.rsplit("/", 1)[-1])
+            if found is None:
+                raise FileNotFoundError(errno.ENOENT, path)
+            return found
+        return attr[1] if attr is not None else None
 
     async def expect_lookups(self, folder: str, paths: Iterable[str]) -> None:
         """Lookups of ``paths`` in ``folder`` are coming (or came) past every cache.
+
+        A backend that cannot answer now is no reason to fail: the lookups
+        themselves will report (or answer from the last known state).
+        """
+        with request_scope():
+            await self._expect_lookups(folder, paths)
+
+    async def _expect_lookups(self, folder: str, paths: Iterable[str]) -> None:
+        """See :meth:`expect_lookups`.
 
         Once four different names of one folder have, within the listing TTL, the
         folder is listed once instead (bounded to a few pages: a folder of a million
@@ -166,12 +229,20 @@ class MetadataCache:
                 break
         else:
             return
-        await self._flight.run(("list", folder), lambda: self._fetch_listing(folder, max_pages=LIST_MAX_PAGES))
+        try:
+            await self._flight.run(("list", folder), lambda: self._fetch_listing(folder, max_pages=LIST_MAX_PAGES))
+        except OSError as exc:
+            if not is_transient(exc):
+                raise
+            log.debug("listing %r for coming lookups failed: %s", folder, exc)
 
     async def _fetch_stat(self, path: str) -> ObjectInfo:
         self.stats["stats"] += 1
         try:
             info = self.mtimes.apply(path, await self._backend.stat(path))
+            if info.detailed and info.etag and not info.is_dir:
+                # What the HEAD said about its attributes, for listings of this version later.
+                self.mtimes.set(path, info.etag, info.mtime, info)
         except FileNotFoundError:
             if self._enabled["neg"]:
                 self._negatives[path] = True
@@ -179,13 +250,27 @@ class MetadataCache:
         self._negatives.pop(path, None)
         if self._enabled["attr"]:
             self._attrs[path] = info
+        self._known_attrs[path] = (time.time(), info)
         return info
 
     async def list_dir(self, path: str) -> Listing:
+        self._expire_young(path)
         listing = self._listings.get(path)
         if listing is not None:
             return listing
-        return await self._flight.run(("list", path), lambda: self._fetch_listing(path))
+        with request_scope():
+            try:
+                return await self._flight.run(("list", path), lambda: self._fetch_listing(path))
+            except OSError as exc:
+                if not is_transient(exc):
+                    raise
+                known = self._known_listings.get(path)
+                if known is None:
+                    self.stats["unanswered"] += 1
+                    raise
+                self.stats["stale_answers"] += 1
+                log.debug("list %s: backend unavailable (%s); answering from the last known listing", path, exc)
+                return known[1]
 
     async def _fetch_listing(self, path: str, *, max_pages: int | None = None) -> Listing:
         self.stats["listings"] += 1
@@ -204,6 +289,7 @@ class MetadataCache:
             except ValueError:
                 log.info("listing of %r has %d entries, more than the metadata bound; not cached",
                          path, len(listing.entries))
+        self._keep_listing(path, listing)
         # Entries of a fresh listing supersede older single-path answers.
         prefix = f"{path}/" if path else ""
         for name in listing.entries:
@@ -213,52 +299,83 @@ class MetadataCache:
 
     # -- changes made through this mount -------------------------------------------
 
-    def _parent_listing(self, path: str) -> tuple[Listing | None, str]:
-        return self._listings.get(parent_path(path)), path.rsplit("/", 1)[-1]
+    def _keep_listing(self, path: str, listing: Listing) -> None:
+        try:
+            self._known_listings[path] = (time.time(), listing)
+        except ValueError:  # larger than the whole bound: an older one would be wrong
+            self._known_listings.pop(path, None)
+
+    def _parent_listings(self, path: str) -> tuple[list[Listing], str]:
+        """The fresh and the last known listing of ``path``'s folder (each once), and its name."""
+        parent = parent_path(path)
+        found = [self._listings.get(parent)]
+        known = self._known_listings.get(parent)
+        if known is not None and known[1] is not found[0]:
+            found.append(known[1])
+        return [listing for listing in found if listing is not None], path.rsplit("/", 1)[-1]
 
     def remember(self, path: str, info: ObjectInfo) -> None:
         """This mount just created or changed ``path``: answer from ``info`` from now on."""
         self._negatives.pop(path, None)
         if self._enabled["attr"]:
             self._attrs[path] = info
-        listing, name = self._parent_listing(path)
-        if listing is not None:
+        self._known_attrs[path] = (time.time(), info)
+        listings, name = self._parent_listings(path)
+        for listing in listings:
             listing.entries[name] = info
 
     def remember_empty_dir(self, path: str) -> None:
         """This mount just created directory ``path`` where nothing existed: its
         listing is known (empty) without asking, so creating files in it costs
         no lookup request each."""
+        listing = Listing()
         if self._enabled["dir"]:
-            self._listings[path] = Listing()
+            self._listings[path] = listing
+            # Only briefly: others may put objects in it (the negative TTL, not the listing TTL).
+            self._young_dirs[path] = time.monotonic() + self._young_ttl
+        self._keep_listing(path, listing)
+
+    def _expire_young(self, path: str) -> None:
+        """Drop the assumed-empty listing of a folder made here once it is older than the negative TTL."""
+        until = self._young_dirs.get(path)
+        if until is not None and time.monotonic() >= until:
+            del self._young_dirs[path]
+            self._listings.pop(path, None)
 
     def remember_missing(self, path: str) -> None:
         """This mount just removed ``path``."""
         self._attrs.pop(path, None)
         self._listings.pop(path, None)
+        self._known_attrs.pop(path, None)
+        self._known_listings.pop(path, None)
         if self._enabled["neg"]:
             self._negatives[path] = True
-        listing, name = self._parent_listing(path)
-        if listing is not None:
+        listings, name = self._parent_listings(path)
+        for listing in listings:
             listing.entries.pop(name, None)
 
     def forget_path(self, path: str) -> None:
         """Drop what is known about ``path`` itself (its parent's listing is kept)."""
-        self._attrs.pop(path, None)
-        self._negatives.pop(path, None)
-        self._listings.pop(path, None)
+        for cache in (self._attrs, self._negatives, self._listings, self._known_attrs, self._known_listings):
+            cache.pop(path, None)
 
     def forget_tree(self, path: str) -> None:
         """Drop everything known about ``path`` and below (after a directory rename)."""
         prefix = path + "/"
-        for cache in (self._attrs, self._negatives, self._listings):
+        for cache in (self._attrs, self._negatives, self._listings, self._known_attrs, self._known_listings):
             for key in [k for k in list(cache.keys()) if k == path or k.startswith(prefix)]:
                 cache.pop(key, None)
 
     def clear(self) -> None:
+        """Forget the fresh answers: the next access asks the backend. What was last
+        known stays, for when the backend cannot answer (see the module docstring)."""
         self._attrs.clear()
         self._negatives.clear()
         self._listings.clear()
 
     def entry_count(self) -> int:
         return int(self._listings.currsize) + len(self._attrs) + len(self._negatives)
+
+    def last_known_count(self) -> int:
+        """Entries in the last known store (listing entries + attributes)."""
+        return int(self._known_listings.currsize) + len(self._known_attrs)

@@ -12,6 +12,8 @@ ETag) falls back to what the backend says.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import sqlite3
 from dataclasses import replace
@@ -31,7 +33,12 @@ CREATE INDEX IF NOT EXISTS mtimes_folder ON mtimes (folder);
 
 
 class MtimeStore:
-    """path → (ETag, mtime) of objects whose time this mount set."""
+    """path → (ETag, mtime, POSIX attributes) of objects whose attributes this mount set.
+
+    Listings carry no user metadata; without this, a folder's ``ls -l`` would show
+    the mount's default mode and owner for files this mount chmod'ed, until each
+    is looked up by name (a HEAD). One indexed query per listed folder instead.
+    """
 
     def __init__(self, path: Path | None) -> None:
         target = ":memory:" if path is None else str(path)
@@ -41,34 +48,62 @@ class MtimeStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(mtimes)")}
+        if "attrs" not in columns:  # a state directory from before attributes were kept
+            self._db.execute("ALTER TABLE mtimes ADD COLUMN attrs TEXT")
 
-    def set(self, path: str, etag: str | None, mtime: float) -> None:
+    def set(self, path: str, etag: str | None, mtime: float, info: ObjectInfo | None = None) -> None:
         if not etag:
             return
-        self._db.execute("INSERT OR REPLACE INTO mtimes (path, folder, etag, mtime) VALUES (?, ?, ?, ?)",
-                         (path, parent_path(path), etag, mtime))
+        attrs = _attrs_json(info) if info is not None else None
+        self._db.execute("INSERT OR REPLACE INTO mtimes (path, folder, etag, mtime, attrs) VALUES (?, ?, ?, ?, ?)",
+                         (path, parent_path(path), etag, mtime, attrs))
 
     def drop(self, path: str) -> None:
         self._db.execute("DELETE FROM mtimes WHERE path = ?", (path,))
 
     def apply(self, path: str, info: ObjectInfo) -> ObjectInfo:
-        """``info`` with the time this mount set, if it is still that version."""
+        """``info`` with the time (and attributes) this mount set, if it is still that version."""
         if info.is_dir or not info.etag:
             return info
-        row = self._db.execute("SELECT etag, mtime FROM mtimes WHERE path = ?", (path,)).fetchone()
-        if row is None or row[0] != info.etag or row[1] == info.mtime:
+        row = self._db.execute("SELECT etag, mtime, attrs FROM mtimes WHERE path = ?", (path,)).fetchone()
+        if row is None or row[0] != info.etag:
             return info
-        return replace(info, mtime=row[1])
+        return _overlay(info, row[1], row[2])
 
     def apply_folder(self, folder: str, entries: dict[str, ObjectInfo]) -> None:
-        """Lay the remembered times over one folder's listing, in place."""
+        """Lay the remembered times and attributes over one folder's listing, in place."""
         prefix = f"{folder}/" if folder else ""
-        for path, etag, mtime in self._db.execute(
-                "SELECT path, etag, mtime FROM mtimes WHERE folder = ?", (folder,)):
+        for path, etag, mtime, attrs in self._db.execute(
+                "SELECT path, etag, mtime, attrs FROM mtimes WHERE folder = ?", (folder,)):
             name = path[len(prefix):]
             info = entries.get(name)
-            if info is not None and not info.is_dir and info.etag == etag and info.mtime != mtime:
-                entries[name] = replace(info, mtime=mtime)
+            if info is not None and not info.is_dir and info.etag == etag:
+                entries[name] = _overlay(info, mtime, attrs)
 
     def close(self) -> None:
         self._db.close()
+
+
+def _attrs_json(info: ObjectInfo) -> str | None:
+    if info.mode is None and info.uid is None and info.gid is None and not info.xattrs:
+        return None
+    return json.dumps({
+        "mode": info.mode, "uid": info.uid, "gid": info.gid, "ctime": info.ctime, "atime": info.atime,
+        "rdev": info.rdev, "xattrs": {n: base64.b64encode(v).decode("ascii") for n, v in info.xattrs or ()},
+    }, separators=(",", ":"))
+
+
+def _overlay(info: ObjectInfo, mtime: float, attrs: str | None) -> ObjectInfo:
+    if info.detailed:
+        return info  # from the object itself: newer than anything remembered
+    if not attrs:
+        return info if info.mtime == mtime else replace(info, mtime=mtime)
+    try:
+        data = json.loads(attrs)
+        xattrs = tuple(sorted((n, base64.b64decode(v)) for n, v in (data.get("xattrs") or {}).items())) or None
+        return replace(info, mtime=mtime, mode=data.get("mode"), uid=data.get("uid"), gid=data.get("gid"),
+                       ctime=data.get("ctime"), atime=data.get("atime"), rdev=int(data.get("rdev") or 0),
+                       xattrs=xattrs, detailed=True)
+    except (ValueError, TypeError):
+        return replace(info, mtime=mtime)

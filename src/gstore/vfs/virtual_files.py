@@ -1,5 +1,7 @@
 """The hidden virtual files of every directory, wired to the mount's data.
 
+``.concat``, ``.diff``, ``.versions`` and ``.zip``.
+
 :mod:`gstore.virtual` parses names and computes layouts and diffs without any
 I/O; this module gives them data: sizes come from the metadata cache and the
 staging overlay (so pending writes count), bytes come through the block cache
@@ -9,6 +11,11 @@ and versions come from the backend's version listing.
 Everything is resolved again after the attribute TTL (a lookup or getattr
 recomputes the layout from fresh part sizes), and pinned while open: an open
 ``.concat`` keeps reading the part versions it opened, like an open file.
+
+A ``.zip`` lists its folder recursively (one listing per folder, through the
+metadata cache) to know its layout and size; member CRC-32s are computed by
+streaming members through the block cache when a read first needs them (see
+:mod:`gstore.virtual.zipview`) and remembered per object version.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat as stat_module
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,13 +48,19 @@ from gstore.virtual import (
     VirtualDirRef,
     VirtualNames,
     VirtualRef,
+    ZipLayout,
+    ZipMember,
+    ZipReader,
+    ZipRef,
     check_diff_sizes,
     parse_virtual_path,
     read_concat,
     resolve_manifest,
     unified_diff_bytes,
 )
+from gstore.vfs.control import CONTROL_DIR
 from gstore.virtual.names import MANIFEST_MAX_BYTES
+from gstore.virtual.zipview import crc32_of
 from gstore.write.staging import StagedFile
 
 if TYPE_CHECKING:
@@ -55,6 +70,14 @@ log = logging.getLogger(__name__)
 
 #: Diff outputs kept in memory, in bytes (a diff is computed once per pair of versions).
 DIFF_CACHE_BYTES = 64 * 1024 * 1024
+#: Member CRC-32s remembered, per object version (a .zip computes each once).
+ZIP_CRC_ENTRIES = 200_000
+#: Most files in one .zip view (E2BIG beyond): each costs memory while the view is open.
+ZIP_MAX_FILES = 1_000_000
+#: Folders listed at once while a .zip view walks its tree.
+ZIP_LIST_CONCURRENCY = 16
+#: Members whose CRC-32 is computed at once when the central directory is first read.
+ZIP_CRC_CONCURRENCY = 8
 
 
 def _err(code: int, what: str) -> OSError:
@@ -91,7 +114,7 @@ class VirtualReader:
 
 
 class VirtualFiles:
-    """``D/.concat/...``, ``D/.diff/...`` and ``D/.versions/...`` of one mount."""
+    """``D/.concat/...``, ``D/.diff/...``, ``D/.versions/...`` and ``D/.zip/...`` of one mount."""
 
     def __init__(self, content: MountContent, names: VirtualNames, *, ttl: float,
                  diff_limit: int = DIFF_SIZE_LIMIT) -> None:
@@ -103,6 +126,8 @@ class VirtualFiles:
         self._diffs: cachetools.LRUCache[tuple[str, str, str, str], bytes] = cachetools.LRUCache(
             maxsize=DIFF_CACHE_BYTES, getsizeof=lambda data: max(1, len(data)))
         self._shadow_logged: set[str] = set()
+        self._zip_crcs: cachetools.LRUCache[str, int] = cachetools.LRUCache(maxsize=ZIP_CRC_ENTRIES)
+        self.zip_crcs_computed = 0  # members streamed for a CRC-32 (for tests and status)
 
     # -- names ---------------------------------------------------------------------------
 
@@ -124,6 +149,13 @@ class VirtualFiles:
                     log.warning("%s exists on the backend but is hidden by gstore's virtual %s directory; "
                                 "mount with -o %s_dir=off (or another name) to see it", where, name,
                                 self.names.role_of(name))
+
+    def forget(self, path: str) -> None:
+        """Drop the version lists of ``path`` and below (``""``: all); CRCs and diffs are
+        per object version and stay valid."""
+        prefix = path + "/"
+        for target in [t for t in list(self._versions.keys()) if not path or t == path or t.startswith(prefix)]:
+            self._versions.pop(target, None)
 
     # -- attributes ----------------------------------------------------------------------
 
@@ -227,6 +259,8 @@ class VirtualFiles:
             return await self._concat(await self._sources(paths))
         if isinstance(ref, DiffRef):
             return await self._diff(ref)
+        if isinstance(ref, ZipRef):
+            return await self._zip(ref)
         raise _err(errno.EISDIR, ref.path)
 
     async def _concat(self, sources: list[Source]) -> tuple[VirtualReader, float]:
@@ -266,6 +300,138 @@ class VirtualFiles:
             return result[offset:offset + size]
 
         return VirtualReader(len(result), read), max(a.info.mtime, b.info.mtime)
+
+
+    # -- .zip -----------------------------------------------------------------------------
+
+    async def _zip(self, ref: ZipRef) -> tuple[VirtualReader, float]:
+        files = await self._tree_files(ref.folder, ref.path)
+        sources = [source for _, source in files]
+        layout = ZipLayout([ZipMember(name, s.info.size, s.info.mtime, _member_mode(s.info)) for name, s in files])
+        crcs = _ZipCrcs(self, sources)
+
+        async def read_member(index: int, offset: int, length: int) -> bytes:
+            return await self.read_source(sources[index], offset, length)
+
+        reader = ZipReader(layout, read_member, crcs.get, crcs.all)
+        mtime = max((s.info.mtime for s in sources), default=self._content.mounted_at)
+        return VirtualReader(layout.total_size, reader.read), mtime
+
+    async def _tree_files(self, folder: str, what: str) -> list[tuple[str, Source]]:
+        """The regular files under ``folder``, recursively: (name relative to it, source),
+        depth first in name order, as ``ls -R`` shows them (pending files included,
+        virtual directories and ``.gstore`` not)."""
+        if folder:
+            info = await self._content.stat_path(folder)
+            if not info.is_dir:
+                raise _err(errno.ENOTDIR, f"{what}: {folder} is not a folder")
+        listings: dict[str, dict[str, ObjectInfo]] = {}
+        limiter = trio.CapacityLimiter(ZIP_LIST_CONCURRENCY)
+        count = 0
+
+        async def list_one(directory: str) -> None:
+            async with limiter:
+                entries = dict(await self._content.list_dir(directory))
+            self.hide_shadowed(directory, entries)
+            if directory == "":
+                entries.pop(CONTROL_DIR, None)
+            listings[directory] = entries
+
+        level = [folder]
+        while level:
+            async with trio.open_nursery() as nursery:
+                for directory in level:
+                    nursery.start_soon(list_one, directory)
+            below = []
+            for directory in level:
+                for name, info in listings[directory].items():
+                    if info.is_dir:
+                        below.append(f"{directory}/{name}" if directory else name)
+                    else:
+                        count += 1
+            if count > ZIP_MAX_FILES:
+                raise _err(errno.E2BIG, f"{what}: more than {ZIP_MAX_FILES} files under {folder or 'the mount root'}")
+            level = below
+
+        found: list[tuple[str, Source]] = []
+
+        def collect(directory: str, prefix: str) -> None:
+            for name, info in sorted(listings[directory].items()):
+                path = f"{directory}/{name}" if directory else name
+                if info.is_dir:
+                    collect(path, f"{prefix}{name}/")
+                elif info.mode is None or stat_module.S_ISREG(info.mode):
+                    staged = self._content.staged(path)
+                    source = Source(path, path, staged.info(), staged) if staged is not None else Source(path, path, info)
+                    found.append((prefix + name, source))
+
+        collect(folder, "")
+        return found
+
+    def _zip_crc_known(self, source: Source) -> int | None:
+        key = source.cache_identity
+        return None if key is None else self._zip_crcs.get(key)
+
+    async def _zip_crc_compute(self, source: Source) -> int:
+        async def update(data: bytes, crc: int) -> int:
+            if len(data) > 1024 * 1024:
+                return await trio.to_thread.run_sync(zlib.crc32, data, crc)
+            return zlib.crc32(data, crc)
+
+        crc = await crc32_of(lambda o, n: self.read_source(source, o, n), source.info.size, update=update)
+        self.zip_crcs_computed += 1
+        key = source.cache_identity
+        if key is not None:
+            self._zip_crcs[key] = crc
+        return crc
+
+
+class _ZipCrcs:
+    """The CRC-32s of one open .zip view's members: remembered, computed once each."""
+
+    def __init__(self, files: VirtualFiles, sources: list[Source]) -> None:
+        self._files = files
+        self._sources = sources
+        self._crcs: list[int | None] = [None] * len(sources)
+        self._running: dict[int, trio.Event] = {}
+
+    async def get(self, index: int) -> int:
+        while True:
+            crc = self._crcs[index]
+            if crc is not None:
+                return crc
+            crc = self._files._zip_crc_known(self._sources[index])
+            if crc is not None:
+                self._crcs[index] = crc
+                return crc
+            running = self._running.get(index)
+            if running is None:
+                break
+            await running.wait()  # another read of this view is computing it
+        done = self._running[index] = trio.Event()
+        try:
+            crc = await self._files._zip_crc_compute(self._sources[index])
+            self._crcs[index] = crc
+            return crc
+        finally:
+            del self._running[index]
+            done.set()
+
+    async def all(self) -> list[int]:
+        missing = iter([i for i, crc in enumerate(self._crcs) if crc is None])
+
+        async def worker() -> None:
+            for index in missing:
+                await self.get(index)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(ZIP_CRC_CONCURRENCY):
+                nursery.start_soon(worker)
+        return [crc for crc in self._crcs if crc is not None]
+
+
+def _member_mode(info: ObjectInfo) -> int:
+    return info.mode & 0o7777 if info.mode is not None else 0o644
 
 
 def _file_fields(info: ObjectInfo) -> tuple[Any, ...]:

@@ -19,6 +19,7 @@ Only ``user.*`` names ever reach the backend: ``ls -l`` asks every file for
 from __future__ import annotations
 
 import errno
+from collections.abc import Awaitable, Callable
 import hashlib
 import logging
 import os
@@ -33,6 +34,7 @@ from gstore.virtual import ConcatManifestRef, ConcatRef, DiffRef, VersionRef, gu
 from gstore.virtual import resolve_manifest
 from gstore.virtual.names import MANIFEST_MAX_BYTES
 from gstore.vfs.control import is_control_path
+from gstore.write.staging import StagedFile
 from gstore.vfs.inodes import Inode
 from gstore.virtual import VirtualRef
 
@@ -59,9 +61,13 @@ def _err(code: int, what: str) -> OSError:
 class Xattrs:
     """Attribute requests of one mount, answered from metadata, the cache or a stream."""
 
-    def __init__(self, content: MountContent, virtual: VirtualFiles, *, ttl: float) -> None:
+    def __init__(self, content: MountContent, virtual: VirtualFiles, *, ttl: float,
+                 store: Callable[[Inode, str, bytes | None], Awaitable[None]] | None = None) -> None:
         self._content = content
         self._virtual = virtual
+        # Sets (bytes) or removes (None) a stored user.* attribute: the namespace layer
+        # does it, under the path's lock, through the pending-files owner.
+        self._store = store
         self._details: cachetools.TTLCache[tuple[str, str], ObjectInfo] = cachetools.TTLCache(
             maxsize=10_000, ttl=max(ttl, 0.001))
         self._hashing: dict[tuple[str, str], trio.Event] = {}
@@ -73,19 +79,43 @@ class Xattrs:
     # -- the four requests ---------------------------------------------------------------
 
     async def names(self, inode: Inode) -> list[str]:
-        if inode.info.is_dir or is_control_path(inode.path):
+        if is_control_path(inode.path):
             return []
+        if inode.info.is_dir:
+            return list(await self._stored(inode))
         names = [MD5, MIMETYPE]
         info = await self._current(inode)
         if info is None:  # pending or virtual
-            return names
+            return names + [n for n in await self._stored(inode) if n not in KNOWN]
         if info.etag:
             names.append(ETAG)
         if (info.version_id and info.version_id != "null") or await self._has_version_id(inode, info):
             names.append(VERSION_ID)
-        return names
+        return names + [n for n in await self._stored(inode) if n not in KNOWN]
+
+    async def _stored(self, inode: Inode) -> dict[str, bytes]:
+        """The user.* attributes kept with the file (not the computed ones)."""
+        if is_control_path(inode.path) or self._virtual_ref(inode) is not None:
+            return {}
+        if inode.info.is_dir:
+            return dict(inode.info.xattrs or ())
+        staged = inode.staged if inode.unlinked else self._content.staged(inode.path)
+        if isinstance(staged, StagedFile):
+            return dict(staged.xattrs)
+        info = inode.info
+        if not info.detailed:
+            try:
+                info = await self._head(inode.path, info)
+            except FileNotFoundError:
+                return {}
+        return dict(info.xattrs or ())
 
     async def get(self, inode: Inode, name: str) -> bytes:
+        if name.startswith("user.") and (name not in KNOWN or inode.info.is_dir):
+            stored = await self._stored(inode)
+            if name not in stored:
+                raise _err(errno.ENODATA, name)
+            return stored[name]
         if not name.startswith("user.") or name not in KNOWN or inode.info.is_dir or is_control_path(inode.path):
             raise _err(errno.ENODATA, name)
         if name == MD5:
@@ -107,11 +137,9 @@ class Xattrs:
         return version_id.encode()
 
     async def set(self, inode: Inode, name: str, value: bytes) -> None:
-        if name != MIMETYPE:
-            # Only the MIME type maps onto something the object keeps; everything
-            # else is refused the way a filesystem without xattr support refuses
-            # it, which cp -a and similar tools ignore silently.
-            raise _err(errno.ENOTSUP, f"{name}: gstore only stores {MIMETYPE}")
+        if name != MIMETYPE or inode.info.is_dir:
+            await self._set_stored(inode, name, value)
+            return
         if inode.info.is_dir or is_control_path(inode.path):
             raise _err(errno.ENOTSUP, inode.path)
         if self._virtual_ref(inode) is not None or self._content.read_only:
@@ -128,7 +156,23 @@ class Xattrs:
     async def remove(self, inode: Inode, name: str) -> None:
         if name in KNOWN and not inode.info.is_dir:
             raise _err(errno.ENOTSUP, f"{name} is computed by gstore and cannot be removed")
-        raise _err(errno.ENODATA, name)
+        if not name.startswith("user."):
+            raise _err(errno.ENODATA, name)
+        await self._set_stored(inode, name, None)
+
+    async def _set_stored(self, inode: Inode, name: str, value: bytes | None) -> None:
+        """setxattr/removexattr of a user.* name kept with the object."""
+        if not name.startswith("user.") or (name in KNOWN and not inode.info.is_dir):
+            # system.*, security.*, trusted.*: nothing an object store could keep (cp -a ignores this).
+            raise _err(errno.ENOTSUP, f"{name}: only user.* attributes are kept")
+        if is_control_path(inode.path) or self._store is None:
+            raise _err(errno.ENOTSUP, f"{inode.path}: no extended attributes here")
+        if self._virtual_ref(inode) is not None or self._content.read_only:
+            raise _err(errno.EROFS, inode.path)
+        if len(name.encode()) > 255:
+            raise _err(errno.ERANGE, name)
+        await self._store(inode, name, value)
+        self.forget(inode.path)
 
     def forget(self, path: str) -> None:
         for key in [k for k in self._details if k[0] == path]:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -62,6 +63,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
+from gstore.backends import objectmeta
 from gstore.backends.base import ObjectInfo, StorageBackend
 from gstore.cache.reader import BlockReader
 from gstore.errors import StaleObjectError, classify
@@ -219,7 +221,7 @@ class PendingFiles:
         return staged
 
     async def create(self, path: str, mode: int, current: Callable[[], Awaitable[ObjectInfo | None]], *,
-                     exclusive: bool, truncate: bool) -> StagedFile:
+                     exclusive: bool, truncate: bool, owner: tuple[int, int] | None = None) -> StagedFile:
         """open(O_CREAT) of ``path`` (lock held): a new file, or the existing one opened."""
         staged = self._by_path.get(path)
         if staged is not None:
@@ -234,12 +236,45 @@ class PendingFiles:
                     raise OSError(errno.EEXIST, "File exists", path)
                 staged = await self._stage(path, existing, truncate=truncate)
             else:
-                staged = await trio.to_thread.run_sync(
-                    lambda: self.staging.create(path, base=None, expect=EXPECT_ABSENT, size=0))
-                staged.mode = mode & 0o7777
-                self._adopt(staged)
+                staged = await self._new_file(path, stat.S_IFREG, mode, owner)
         staged.writers += 1
         self.scheduler.cancel(staged.id, running=False)
+        return staged
+
+    async def _new_file(self, path: str, file_type: int, mode: int, owner: tuple[int, int] | None, *,
+                        rdev: int = 0, content: bytes = b"") -> StagedFile:
+        def configure(staged: StagedFile) -> None:
+            staged.file_type, staged.mode, staged.rdev = file_type, mode & 0o7777, rdev
+            if owner is not None:
+                staged.uid, staged.gid = owner
+
+        staged = await trio.to_thread.run_sync(
+            lambda: self.staging.create(path, base=None, expect=EXPECT_ABSENT, size=0, configure=configure))
+        if content:
+            StagingArea.write(staged, 0, content)
+        self._adopt(staged)
+        return staged
+
+    async def make_node(self, path: str, file_type: int, mode: int, *, owner: tuple[int, int] | None,
+                        rdev: int = 0, content: bytes = b"") -> StagedFile:
+        """mknod, mkfifo, symlink (lock held, the name free): a closed file with nothing to write later."""
+        if path in self._by_path:
+            raise OSError(errno.EEXIST, "File exists", path)
+        staged = await self._new_file(path, file_type, mode, owner, rdev=rdev, content=content)
+        await self.persist(staged)
+        self.scheduler.schedule(staged.id)
+        return staged
+
+    async def stage_attributes(self, path: str, current: Callable[[], Awaitable[ObjectInfo]]) -> StagedFile:
+        """A change of attributes only (chmod, chown, utimens, setxattr) of ``path`` (lock held).
+
+        A clean file gets a staged file with no local bytes: its upload rewrites the
+        object's metadata in place (one copy onto itself), and several changes in a
+        row before it runs coalesce into that one request.
+        """
+        staged = self._by_path.get(path)
+        if staged is None:
+            staged = await self._stage(path, await current(), truncate=False, fill=False)
         return staged
 
     def open_for_read(self, path: str) -> StagedFile | None:
@@ -249,18 +284,18 @@ class PendingFiles:
             staged.readers += 1
         return staged
 
-    async def _stage(self, path: str, info: ObjectInfo, *, truncate: bool) -> StagedFile:
+    async def _stage(self, path: str, info: ObjectInfo, *, truncate: bool, fill: bool = True) -> StagedFile:
         """Start local changes to a remote object: only small files are copied now."""
         if info.is_dir:
             raise OSError(errno.EISDIR, "Is a directory", path)
         expect = f"etag:{info.etag}" if info.etag else None
         if truncate:
             staged = await trio.to_thread.run_sync(
-                lambda: self.staging.create(path, base=None, expect=expect, size=0))
+                lambda: self.staging.create(path, base=None, expect=expect, size=0, attributes=info))
         else:
             staged = await trio.to_thread.run_sync(
-                lambda: self.staging.create(path, base=info, expect=expect, size=info.size))
-        if not truncate and staged.size <= EAGER_FILL_LIMIT and not staged.complete:
+                lambda: self.staging.create(path, base=info, expect=expect, size=info.size, attributes=info))
+        if fill and not truncate and staged.size <= EAGER_FILL_LIMIT and not staged.complete:
             # Small files are copied locally now, while the base version surely exists: a
             # conflicting remote change later can then never cost the bytes not touched here.
             try:
@@ -357,14 +392,39 @@ class PendingFiles:
             await trio.to_thread.run_sync(self.staging.persist, staged)
             self.scheduler.schedule(staged.id)
 
-    async def set_attributes(self, staged: StagedFile, *, mode: int | None = None, mtime: float | None = None,
-                             content_type: str | None = None) -> None:
+    async def set_attributes(self, staged: StagedFile, *, mode: int | None = None, uid: int | None = None,
+                             gid: int | None = None, atime: float | None = None, mtime: float | None = None,
+                             content_type: str | None = None, xattr: tuple[str, bytes | None] | None = None,
+                             ) -> None:
+        """chmod, chown, utimens, user.mimetype, setxattr/removexattr (``(name, None)``) of a staged file.
+
+        Raises E2BIG (and changes nothing) when the attributes would not fit the
+        object's metadata. ctime moves, as on every change.
+        """
+        if xattr is not None:
+            name, value = xattr
+            updated = dict(staged.xattrs)
+            if value is None:
+                if name not in updated:
+                    raise OSError(errno.ENODATA, "No data available", name)
+                del updated[name]
+            else:
+                updated[name] = value
+            objectmeta.encode(dataclasses.replace(staged.posix_meta(), xattrs=tuple(sorted(updated.items()))))
+            staged.xattrs = updated
         if mode is not None:
             staged.mode = mode & 0o7777
+        if uid is not None:
+            staged.uid = uid
+        if gid is not None:
+            staged.gid = gid
+        if atime is not None:
+            staged.atime = atime
         if mtime is not None:
             staged.mtime = mtime
         if content_type is not None:
             staged.content_type = content_type
+        staged.ctime = time.time()
         staged.generation += 1  # the object's metadata changes with them
         if not staged.unlinked:
             await trio.to_thread.run_sync(lambda: self.staging.persist(staged, sync_data=False))
@@ -574,7 +634,12 @@ class PendingFiles:
             return  # dropped or moved meanwhile (both wait for uploads; defensive)
         staged.uploaded_generation = max(staged.uploaded_generation, generation)
         if result.target == path:
-            info = dataclasses.replace(result.info, mtime=staged.mtime)
+            # What this mount wrote is what the path shows (also where the backend keeps no
+            # metadata: the attribute store remembers it per object version).
+            mine = staged.info()
+            info = dataclasses.replace(result.info, mtime=mine.mtime, mode=mine.mode, uid=mine.uid, gid=mine.gid,
+                                       ctime=mine.ctime, atime=mine.atime, rdev=mine.rdev, xattrs=mine.xattrs,
+                                       content_type=result.info.content_type or mine.content_type, detailed=True)
             staged.expect = f"etag:{result.info.etag}" if result.info.etag else None
             staged.md5 = result.md5
             if not staged.complete:

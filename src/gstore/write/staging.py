@@ -18,17 +18,21 @@ deleted before the backend confirmed the upload.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import logging
 import os
 import secrets
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from gstore.backends.base import ObjectInfo
+from gstore.backends.objectmeta import PosixMeta
 from gstore.write.extents import Extents
 
 log = logging.getLogger(__name__)
@@ -69,7 +73,14 @@ class StagedFile:
     dirty: Extents = field(default_factory=Extents)
     present: Extents = field(default_factory=Extents)
     mtime: float = field(default_factory=time.time)
-    mode: int = 0o644
+    mode: int = 0o644  # permission bits (with setuid, setgid, sticky)
+    file_type: int = stat.S_IFREG  # S_IFREG, S_IFLNK (the bytes are the target), S_IFIFO, ...
+    uid: int | None = None  # None: the mount's default owner
+    gid: int | None = None
+    ctime: float = field(default_factory=time.time)
+    atime: float | None = None
+    rdev: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)  # user.* names set by programs
     # Content-Type to upload with: set by the user (user.mimetype) or kept from the
     # base version when it was specific; None: guessed from the name at upload.
     content_type: str | None = None
@@ -93,7 +104,29 @@ class StagedFile:
         return self.base is None or self.present.covers(0, self.size)
 
     def info(self) -> ObjectInfo:
-        return ObjectInfo(name=self.path.rsplit("/", 1)[-1], is_dir=False, size=self.size, mtime=self.mtime)
+        return ObjectInfo(
+            name=self.path.rsplit("/", 1)[-1], is_dir=False, size=self.size, mtime=self.mtime,
+            content_type=self.content_type, mode=self.file_type | self.mode, uid=self.uid, gid=self.gid,
+            ctime=self.ctime, atime=self.atime, rdev=self.rdev,
+            xattrs=tuple(sorted(self.xattrs.items())) or None, detailed=True,
+        )
+
+    def posix_meta(self) -> PosixMeta:
+        """The attributes the object carries as user metadata (gstore.backends.objectmeta)."""
+        return PosixMeta(mode=self.file_type | self.mode, uid=self.uid, gid=self.gid, mtime=self.mtime,
+                         ctime=self.ctime, atime=self.atime, rdev=self.rdev,
+                         xattrs=tuple(sorted(self.xattrs.items())) or None)
+
+    def take_attributes(self, info: ObjectInfo) -> None:
+        """Start from the attributes of the object these changes apply to."""
+        if info.mode is not None:
+            self.mode = info.mode & 0o7777
+            self.file_type = stat.S_IFMT(info.mode) or stat.S_IFREG
+        self.uid, self.gid = info.uid, info.gid
+        self.ctime = info.ctime or info.mtime or self.ctime
+        self.atime = info.atime
+        self.rdev = info.rdev
+        self.xattrs = dict(info.xattrs or ())
 
     def record(self) -> dict[str, Any]:
         return {
@@ -101,7 +134,9 @@ class StagedFile:
             "base": _info_to_json(self.base), "base_path": self.base_path, "expect": self.expect,
             "dirty": self.dirty.to_list(), "present": self.present.to_list(),
             "mtime": self.mtime, "mode": self.mode, "created": self.created,
-            "content_type": self.content_type,
+            "content_type": self.content_type, "file_type": self.file_type, "uid": self.uid, "gid": self.gid,
+            "ctime": self.ctime, "atime": self.atime, "rdev": self.rdev,
+            "xattrs": {name: base64.b64encode(value).decode("ascii") for name, value in self.xattrs.items()},
         }
 
 
@@ -115,7 +150,11 @@ class StagingArea:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def create(self, path: str, *, base: ObjectInfo | None, expect: str | None, size: int) -> StagedFile:
+    def create(self, path: str, *, base: ObjectInfo | None, expect: str | None, size: int,
+               attributes: ObjectInfo | None = None, configure: Callable[[StagedFile], None] | None = None,
+               ) -> StagedFile:
+        """A new staged file; ``attributes``: the object whose mode, owner and xattrs it keeps;
+        ``configure`` sets anything else before the first record is written."""
         staged_id = secrets.token_hex(12)
         data_path = self.root / f"{staged_id}.data"
         fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -134,6 +173,10 @@ class StagingArea:
             if base.content_type and base.content_type.split(";")[0].strip().lower() not in (
                     "application/octet-stream", "binary/octet-stream", ""):
                 staged.content_type = base.content_type
+        if attributes is not None:
+            staged.take_attributes(attributes)
+        if configure is not None:
+            configure(staged)
         self.persist(staged, sync_data=False)
         return staged
 
@@ -196,6 +239,11 @@ class StagingArea:
                     mtime=float(data.get("mtime", time.time())), mode=int(data.get("mode", 0o644)),
                     created=float(data.get("created", time.time())),
                     content_type=data.get("content_type"),
+                    file_type=int(data.get("file_type", stat.S_IFREG)),
+                    uid=data.get("uid"), gid=data.get("gid"),
+                    ctime=float(data.get("ctime") or data.get("mtime") or time.time()),
+                    atime=data.get("atime"), rdev=int(data.get("rdev") or 0),
+                    xattrs={name: base64.b64decode(value) for name, value in (data.get("xattrs") or {}).items()},
                 )
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("staging record %s is unreadable (%s); left in place for inspection", entry, exc)
@@ -236,7 +284,7 @@ class StagingArea:
             staged.present.add(staged.size, offset)
             staged.size = end
         staged.generation += 1
-        staged.mtime = time.time()
+        staged.mtime = staged.ctime = time.time()
         return written
 
     @staticmethod
@@ -263,7 +311,7 @@ class StagingArea:
             staged.dirty.add(old, size)
         staged.size = size
         staged.generation += 1
-        staged.mtime = time.time()
+        staged.mtime = staged.ctime = time.time()
 
     @staticmethod
     def fill(staged: StagedFile, offset: int, data: bytes) -> None:

@@ -27,6 +27,7 @@ from enum import Enum
 
 import trio
 
+from gstore.backends import objectmeta
 from gstore.backends.base import ObjectInfo, StorageBackend, UploadedPart
 from gstore.errors import BackendError
 from gstore.virtual.content_type import guess_mimetype
@@ -93,8 +94,10 @@ class Uploader:
             # The HEAD in _resolve_conflict is then the only check (a narrow race remains).
             if_match, if_none_match = None, False
         content_type = staged.content_type or content_type_for(target)
-        metadata = {"mtime": f"{staged.mtime:.6f}", "mode": str(0o100000 | (staged.mode & 0o7777))}
+        metadata = objectmeta.encode(staged.posix_meta())
         size = staged.size
+        if self._attributes_only(staged, target):
+            return await self._update_attributes(staged, target, metadata, content_type)
         copy_parts, local_parts = self._plan(staged, size)
         for start, end in local_parts:
             await self._ensure_local(staged, start, end)
@@ -122,6 +125,24 @@ class Uploader:
             log.warning("conflict: %s changed on the backend since it was read here; this mount's version "
                         "was uploaded as %s", path, target)
         return UploadResult(target=target, info=info, md5=md5, theirs=theirs, sent=size - copied, copied=copied)
+
+    def _attributes_only(self, staged: StagedFile, target: str) -> bool:
+        """Nothing but attributes changed: the object's bytes need not move."""
+        base = staged.base
+        return (base is not None and target == staged.path and staged.base_path == staged.path
+                and not staged.dirty and staged.size == base.size and base.size <= 5 * 1024**3)
+
+    async def _update_attributes(self, staged: StagedFile, target: str, metadata: dict[str, str],
+                                 content_type: str) -> UploadResult:
+        base = staged.base
+        assert base is not None
+        if not self.backend.capabilities.user_metadata:
+            # Nowhere to keep them (file://, memory://): this mount's attribute store has them.
+            return UploadResult(target=target, info=base, md5=None, theirs=None, sent=0, copied=0)
+        info = await self.backend.update_metadata(target, metadata, content_type=content_type,
+                                                  if_match=base.etag)
+        log.info("updated the attributes of %s", target)
+        return UploadResult(target=target, info=info, md5=None, theirs=None, sent=0, copied=0)
 
     async def _resolve_conflict(self, staged: StagedFile) -> tuple[str, str | None, bool, ObjectInfo | None]:
         """Where to upload, with which precondition (If-Match ETag, If-None-Match *)."""
