@@ -117,9 +117,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="mount points (default: every gstore mount in /proc/mounts)")
     status.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="give up on a mount that does not answer within SECONDS (default: 10)")
-    flush = sub.add_parser("flush", help="upload everything pending (or PATHs) and wait until durable")
+    flush = sub.add_parser(
+        "flush", help="upload everything pending (or PATHs) and wait until durable",
+        description="Upload what is pending (everything, or PATHs) and wait until it is durable. One line "
+        "per file that is not, its name quoted. Exit status: 0 all durable; 2 usage error or not a "
+        "gstore mount; 3 --timeout reached; 4 uploads failed or parked (refused by the backend); "
+        "5 conflicts (our version saved under a .conflict- name); 128+N stopped by signal N "
+        "(Ctrl-C: 130). Several at once: 4, then 3, then 5.")
     flush.add_argument("mountpoint")
     flush.add_argument("paths", nargs="*", help="files or directories inside the mount (default: all)")
+    flush.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                       help="give up after SECONDS, exit 3 (default: wait until durable or failed)")
+    flush.add_argument("--retry", action="store_true",
+                       help="try parked uploads (refused by the backend) again (default: report them)")
     serve = sub.add_parser(
         "serve", help="serve a folder (typically a gstore mount) over HTTP: GET/HEAD with ranges and ETags",
         description="Serve the files of a folder over HTTP (GET and HEAD, Range, conditional requests). "
@@ -141,8 +151,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="threads for blocking file system calls (default: 16)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                        type=str.upper, help="INFO logs one line per request (default: INFO)")
+    from gstore import refresh as refresh_module
+
+    refresh_module.add_parser(sub)
+    from gstore import sync as sync_module
+
+    sync_module.add_parser(sub)
     args = parser.parse_args(argv)
 
+    if args.command == "sync":
+        return sync_module.run(args)
+    if args.command == "refresh":
+        return refresh_module.run(args)
     if args.command == "serve":
         from gstore import serve as serve_module
 
@@ -153,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         return _status(args.mountpoints, as_json=args.json, timeout=args.timeout)
     if args.command == "flush":
-        return _flush(args.mountpoint, args.paths)
+        if args.timeout is not None and not 0 <= args.timeout < 1e9:
+            parser.error("flush --timeout: expected a number of seconds, 0 or more")
+        return _flush(args.mountpoint, args.paths, timeout=args.timeout, retry=args.retry)
 
     if args.command == "check-config":
         try:
@@ -252,9 +274,21 @@ def _status(mountpoints: list[str], *, as_json: bool, timeout: float = 10.0) -> 
     return code
 
 
-def _flush(mountpoint: str, paths: list[str]) -> int:
+FLUSH_TIMED_OUT, FLUSH_FAILED, FLUSH_CONFLICT = 3, 4, 5
+FLUSH_POLL = 0.5  # seconds one read of .gstore/flush waits at most
+
+
+class _FlushInterrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _flush(mountpoint: str, paths: list[str], *, timeout: float | None = None, retry: bool = False) -> int:
     import json
     import os
+    import signal
+    import time
 
     for path in (mountpoint, *paths):
         # A name that does not exist has nothing to flush (a deletion is never pending:
@@ -278,26 +312,111 @@ def _flush(mountpoint: str, paths: list[str]) -> int:
             return 2
         relative.append(os.path.relpath(full, root) if full != root else "")
     control = os.path.join(root, ".gstore", "flush")
+    # A NUL, then JSON: any name (even with a newline) and the options, in one write. With
+    # "poll", each read returns within that time ({"running": true} until the verdict):
+    # never stuck in one long read, a signal or our own timeout is acted on within it.
+    request = b"\0" + json.dumps({"paths": relative or None, "retry": retry, "timeout": timeout,
+                                   "poll": FLUSH_POLL}).encode()
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise _FlushInterrupted(signum)
+
+    previous = {}
     try:
-        fd = os.open(control, os.O_RDWR if relative else os.O_RDONLY)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, interrupted)
+    except ValueError:  # not the main thread: the default handling stays
+        pass
+    # The daemon gives up at --timeout by itself; a stuck daemon does not hold us much longer.
+    give_up = None if timeout is None else time.monotonic() + timeout + 10
+    try:
+        try:
+            fd = os.open(control, os.O_RDWR)
+        except OSError as exc:
+            print(f"gstore: {mountpoint}: not a running gstore mount ({exc.strerror})", file=sys.stderr)
+            return 2
+        try:
+            os.write(fd, request)
+            while True:
+                chunks, offset = [], 0
+                while chunk := os.pread(fd, 65536, offset):  # from the start, whatever was written
+                    chunks.append(chunk)
+                    offset += len(chunk)
+                verdict = json.loads(b"".join(chunks) or b"{}")
+                if not verdict.get("running"):
+                    break
+                if give_up is not None and time.monotonic() > give_up:
+                    print(f"gstore: timed out: no verdict from the daemon of {mountpoint} within {timeout:g}s",
+                          file=sys.stderr)
+                    return FLUSH_TIMED_OUT
+        finally:
+            os.close(fd)  # an unfinished flush in the daemon stops waiting
+    except _FlushInterrupted as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"gstore: flush stopped by {name}; what is pending stays queued and is uploaded in the "
+              "background (gstore status shows it)", file=sys.stderr)
+        return 128 + stop.signum
     except OSError as exc:
-        print(f"gstore: {mountpoint}: not a running gstore mount ({exc.strerror})", file=sys.stderr)
-        return 2
-    try:
-        if relative:
-            os.write(fd, ("\n".join(p or "." for p in relative) + "\n").encode())
-        chunks, offset = [], 0
-        while chunk := os.pread(fd, 65536, offset):  # from the start, whatever was written
-            chunks.append(chunk)
-            offset += len(chunk)
+        print(f"gstore: {mountpoint}: the flush failed: {exc}", file=sys.stderr)
+        return FLUSH_FAILED
+    except ValueError as exc:
+        print(f"gstore: {mountpoint}: unreadable answer from the daemon ({exc})", file=sys.stderr)
+        return FLUSH_FAILED
     finally:
-        os.close(fd)
-    verdict = json.loads(b"".join(chunks) or b"{}")
-    if verdict.get("ok"):
-        return 0
-    for failure in verdict.get("failed", []):
-        print(f"gstore: not durable: {failure}", file=sys.stderr)
-    return 1
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    code, lines = flush_outcome(verdict)
+    for line in lines:
+        print(line, file=sys.stderr)
+    return code
+
+
+def _quote(name: str) -> str:
+    """A name on one line, quoted like a JSON string (a newline in it cannot split the line;
+    bytes that are not UTF-8 show as escapes)."""
+    import json
+
+    return json.dumps(name, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def flush_outcome(verdict: dict) -> tuple[int, list[str]]:
+    """The exit status and the lines to print for a flush verdict of the daemon."""
+    if verdict.get("error"):  # the daemon could not run the flush: our request (2) or its failure (4)
+        return (2 if verdict.get("usage") else FLUSH_FAILED), [f"gstore: {verdict['error']}"]
+    files = verdict.get("files")
+    if files is None:  # a daemon that answers with plain lines only
+        failed = verdict.get("failed") or []
+        return (0 if not failed else FLUSH_FAILED), [f"gstore: not durable: {line}" for line in failed]
+    lines, states = [], set()
+    for entry in files:
+        state = entry.get("state")
+        states.add(state)
+        path = _quote(entry["path"]) if entry.get("path") is not None else "(unknown file)"
+        error = " ".join(str(entry.get("error") or "").split())  # one line, whatever the backend said
+        if state == "parked":
+            lines.append(f"gstore: parked: {path}: {error} (refused by the backend; kept locally, not retried "
+                         "until `gstore flush --retry` or a remount)")
+        elif state == "failed":
+            lines.append(f"gstore: failed: {path}: {error} (kept locally; retried in the background)")
+        elif state == "timed out":
+            lines.append(f"gstore: timed out: {path}: {error}")
+        elif state == "conflict":
+            saved = entry.get("saved_as")
+            if saved:
+                lines.append(f"gstore: conflict: {path}: changed on the backend since this mount read it; "
+                             f"this mount's version was saved as {_quote(saved)}")
+            else:
+                lines.append(f"gstore: conflict: {path}: {error}")
+        else:
+            lines.append(f"gstore: not durable: {path}: {error}")
+            states.add("failed")
+    if states & {"parked", "failed"}:
+        return FLUSH_FAILED, lines
+    if "timed out" in states:
+        return FLUSH_TIMED_OUT, lines
+    if "conflict" in states:
+        return FLUSH_CONFLICT, lines
+    return 0, lines
 
 
 if __name__ == "__main__":

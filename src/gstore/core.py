@@ -100,7 +100,8 @@ def build_core(backend: Backend, state_dir: Path, options: MountOptions) -> Moun
                                policy=ConflictPolicy(options.conflict), reserve_space=store.reserve,
                                fsync_patience=options.request_timeout)
     fs = FileSystem(backend, metadata, reader, attr_ttl=options.attr_ttl, pending=pending,
-                    virtual_names=VirtualNames(options.concat_dir, options.diff_dir, options.versions_dir))
+                    virtual_names=VirtualNames(options.concat_dir, options.diff_dir, options.versions_dir,
+                                               options.zip_dir))
     return MountCore(fs=fs, backend=backend, metadata=metadata, reader=reader, store=store,
                      staging=staging, pending=pending)
 

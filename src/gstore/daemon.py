@@ -75,6 +75,34 @@ class Startup:
         systemd.notify(f"STATUS=Failed: {message}")
 
 
+class _KernelCache:
+    """``gstore refresh``: makes the kernel forget directory entries and inode attributes.
+
+    pyfuse3's invalidation calls block in the kernel until related requests (a
+    lookup in that folder, say) are answered, and those are answered on the trio
+    thread: so they run in a worker thread, never on the trio thread.
+    """
+
+    async def invalidate(self, entries: list[tuple[int, str]], inodes: list[tuple[int, bool]]) -> None:
+        import pyfuse3
+
+        def work() -> None:
+            for parent, name in entries:
+                try:
+                    pyfuse3.invalidate_entry(parent, name.encode("utf-8", "surrogateescape"))
+                except OSError as exc:  # ENOENT: the kernel holds no such entry
+                    if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                        log.warning("could not invalidate the kernel entry %r of inode %d: %s", name, parent, exc)
+            for ino, attributes_only in inodes:
+                try:
+                    pyfuse3.invalidate_inode(ino, attributes_only)
+                except OSError as exc:
+                    if exc.errno != errno.ENOENT:
+                        log.warning("could not invalidate kernel caches of inode %d: %s", ino, exc)
+
+        await trio.to_thread.run_sync(work)
+
+
 def state_dir_for(request: MountRequest) -> Path:
     """Per-mount directory under the cache dir: two mounts never share an index."""
     backend = request.backend
@@ -227,7 +255,7 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
         backend = make_backend(
             spec.protocol, spec.root, dict(spec.options), request_timeout=options.request_timeout,
             retries=options.retries, breaker_threshold=options.breaker_threshold,
-            breaker_cooldown=options.breaker_cooldown,
+            breaker_cooldown=options.breaker_cooldown, connect_timeout=options.connect_timeout,
         )
     except (ImportError, ValueError, TypeError) as exc:
         raise StartupError(f"cannot create the {spec.protocol!r} backend: {redactor.redact(str(exc))}") from exc
@@ -242,7 +270,8 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
         core.recover()
     from gstore.fuse_ops import RECENT_ERRORS
     from gstore.status import build_status
-    from gstore.vfs.control import ControlFiles
+    from gstore.vfs.control import ControlFiles, flush_report
+    from gstore.vfs.refresh import Refresher
 
     started = time.time()
     log_target = str(log_file_of(request, state_dir) or ("journal" if stderr_is_journal() else "stderr"))
@@ -254,6 +283,8 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
             "log": log_target, "debug_requests": tracer.enabled,
         },
         flush=fs.flush_paths,
+        flush_report=lambda flush_request: flush_report(writeback, flush_request),
+        refresh=Refresher(fs, _KernelCache()),
     )
     ops = Operations(
         fs,

@@ -44,8 +44,14 @@ _HTTP_STATUS_ERRNO: dict[int, tuple[int, bool]] = {
     403: (errno.EACCES, False),
     404: (errno.ENOENT, False),
     405: (errno.EPERM, False),
+    407: (errno.EACCES, False),
+    408: (errno.ETIMEDOUT, True),
     409: (errno.EBUSY, True),
+    410: (errno.ENOENT, False),
+    411: (errno.EINVAL, False),
     412: (errno.ESTALE, False),
+    413: (errno.EFBIG, False),
+    414: (errno.ENAMETOOLONG, False),
     416: (errno.EINVAL, False),
     429: (errno.EAGAIN, True),
     500: (errno.EIO, True),
@@ -54,20 +60,64 @@ _HTTP_STATUS_ERRNO: dict[int, tuple[int, bool]] = {
     504: (errno.ETIMEDOUT, True),
 }
 
-# S3 error codes that say more than their HTTP status.
+# S3 error codes that say more than their HTTP status. The non-transient ones are
+# answers retrying will not change (the write-back queue parks such an upload and
+# reports it; docs/reliability.md); the transient ones are worth another attempt.
 _S3_CODE_ERRNO: dict[str, tuple[int, bool]] = {
+    # not there
     "NoSuchKey": (errno.ENOENT, False),
     "NoSuchBucket": (errno.ENOENT, False),
     "NoSuchVersion": (errno.ENOENT, False),
+    # not allowed: credentials, policies, account, archived objects
     "AccessDenied": (errno.EACCES, False),
+    "AllAccessDisabled": (errno.EACCES, False),
+    "AccountProblem": (errno.EACCES, False),
     "InvalidAccessKeyId": (errno.EACCES, False),
+    "InvalidObjectState": (errno.EACCES, False),
+    "InvalidPayer": (errno.EACCES, False),
+    "InvalidSecurity": (errno.EACCES, False),
+    "InvalidToken": (errno.EACCES, False),
+    "NotSignedUp": (errno.EACCES, False),
+    "RequestTimeTooSkewed": (errno.EACCES, False),
     "SignatureDoesNotMatch": (errno.EACCES, False),
     "ExpiredToken": (errno.EACCES, False),
+    "TokenRefreshRequired": (errno.EACCES, False),
+    "MethodNotAllowed": (errno.EPERM, False),
+    # refused as invalid: the same request will be refused again
+    "AuthorizationHeaderMalformed": (errno.EINVAL, False),
+    "EntityTooSmall": (errno.EINVAL, False),
+    "IllegalLocationConstraintException": (errno.EINVAL, False),
+    "InvalidArgument": (errno.EINVAL, False),
+    "InvalidBucketName": (errno.EINVAL, False),
+    "InvalidDigest": (errno.EINVAL, False),
+    "InvalidPartOrder": (errno.EINVAL, False),
+    "InvalidRequest": (errno.EINVAL, False),
+    "InvalidStorageClass": (errno.EINVAL, False),
+    "InvalidURI": (errno.EINVAL, False),
+    "MalformedXML": (errno.EINVAL, False),
+    "MetadataTooLarge": (errno.EINVAL, False),
+    "MissingContentLength": (errno.EINVAL, False),
+    "PermanentRedirect": (errno.EINVAL, False),  # wrong region or endpoint: a configuration error
+    "KeyTooLongError": (errno.ENAMETOOLONG, False),
+    "EntityTooLarge": (errno.EFBIG, False),
+    "NotImplemented": (errno.ENOTSUP, False),
     "PreconditionFailed": (errno.ESTALE, False),
+    # worth another attempt
     "SlowDown": (errno.EAGAIN, True),
+    "Throttling": (errno.EAGAIN, True),
+    "ThrottlingException": (errno.EAGAIN, True),
+    "TooManyRequests": (errno.EAGAIN, True),
+    "RequestLimitExceeded": (errno.EAGAIN, True),
     "RequestTimeout": (errno.ETIMEDOUT, True),
     "InternalError": (errno.EIO, True),
     "ServiceUnavailable": (errno.EAGAIN, True),
+    "OperationAborted": (errno.EBUSY, True),
+    "ConditionalRequestConflict": (errno.EBUSY, True),
+    "BadDigest": (errno.EIO, True),  # the body was damaged on the way: send it again
+    "IncompleteBody": (errno.EIO, True),
+    "XAmzContentSHA256Mismatch": (errno.EIO, True),
+    "NoSuchUpload": (errno.EIO, True),  # a multipart upload aborted meanwhile: a new one works
+    "InvalidPart": (errno.EIO, True),
 }
 
 _TRANSIENT_ERRNOS = frozenset(
@@ -91,12 +141,20 @@ def classify(exc: BaseException, _depth: int = 0) -> tuple[int, bool]:
     if isinstance(exc, BackendError):
         return exc.errno or errno.EIO, exc.transient
     code, status = _botocore_details(exc)
+    if code is None and status is None and exc.__cause__ is not None:
+        # A library translation (s3fs turns S3 codes into FileNotFoundError, PermissionError,
+        # OSError(EINVAL)...) loses what the code said: the code decides when it is known.
+        cause_code, _ = _botocore_details(exc.__cause__)
+        if cause_code in _S3_CODE_ERRNO:
+            return _S3_CODE_ERRNO[cause_code]
     if code in _S3_CODE_ERRNO:
         return _S3_CODE_ERRNO[code]
     if status in _HTTP_STATUS_ERRNO:
         return _HTTP_STATUS_ERRNO[status]
     if status is not None and status >= 500:
         return errno.EIO, True
+    if status is not None and 400 <= status < 500:
+        return errno.EINVAL, False  # any other refusal: the same request is refused again
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError, trio.TooSlowError, socket.timeout)):
         return errno.ETIMEDOUT, True
     # A backend that cannot be reached is an I/O error to the program reading a file.

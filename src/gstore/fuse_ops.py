@@ -172,7 +172,17 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         with _errors("open", inode):
             fh, keep_cache, direct_io = await self.fs.open(inode, flags)
+        self._invalidate_stale()
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io)
+
+    def _invalidate_stale(self) -> None:
+        """The kernel forgets cached attributes of inodes the core found changed (attributes
+        only: no page lock, so this is safe inside a request; pages go with keep_cache=False)."""
+        for ino in self.fs.take_kernel_invalidations():
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
+            except OSError as exc:  # ENOENT: the kernel no longer knows it
+                log.debug("invalidate inode %d: %s", ino, exc)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         with _errors("read", fh):

@@ -21,4 +21,27 @@ def gstore_mounts() -> list[str]:
     return found
 
 
-__all__ = ["gstore_mounts"]
+def mount_of(path: str, mounts: list[str] | None = None) -> tuple[str, str] | None:
+    """``(mount point, path relative to it)`` of the gstore mount holding ``path``
+    (``"."`` for the mount point itself), or None when no gstore mount does.
+
+    The path need not exist (a name the mount believes missing can still be
+    refreshed). It is matched as given (made absolute), then with symlinks
+    resolved; nested mounts: the innermost wins.
+    """
+    import os
+
+    candidates = gstore_mounts() if mounts is None else mounts
+    for form in (os.path.abspath(path), os.path.realpath(path)):
+        best = None
+        for mountpoint in candidates:
+            root = mountpoint.rstrip("/") or "/"
+            if form == root or form.startswith(root.rstrip("/") + "/"):
+                if best is None or len(root) > len(best):
+                    best = root
+        if best is not None:
+            return best, os.path.relpath(form, best)
+    return None
+
+
+__all__ = ["gstore_mounts", "mount_of"]

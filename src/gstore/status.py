@@ -18,20 +18,27 @@ def build_status(*, request: Any, state_dir: Any, fs: Any, store: Any, reader: A
     read_stats = asdict(reader.stats)
     served = read_stats["hit_bytes"] + read_stats["miss_bytes"]
     pending, failed = [], []
+    parked = 0
     uploads: dict[str, Any] = {"enabled": writeback is not None}
     if writeback is not None:
+        attempts = writeback.scheduler.attempts
         for staged in writeback.pending():
             entry = {"path": staged.path, "size": staged.size, "attempts": staged.attempts,
                      "open_for_writing": staged.writers > 0,
                      "age_s": round(time.time() - staged.created, 1)}
             if staged.last_error:
                 entry["error"] = staged.last_error
+                record = attempts.get(staged.id)
+                # Parked: the backend refused it for good (denied, invalid, too large...):
+                # kept locally, not retried until `gstore flush --retry` or a remount.
+                entry["parked"] = bool(record is not None and record.permanent)
+                parked += entry["parked"]
                 failed.append(entry)
             else:
                 pending.append(entry)
         stats = writeback.stats
         uploads.update({
-            "pending": len(pending) + len(failed), "failing": len(failed),
+            "pending": len(pending) + len(failed), "failing": len(failed), "parked": parked,
             "pending_paths": pending[:1000], "failed_paths": failed[:1000],
             "uploaded": stats.uploaded, "bytes_uploaded": stats.bytes_uploaded,
             "bytes_copied_server_side": stats.bytes_copied, "failures": stats.failures,
@@ -45,6 +52,7 @@ def build_status(*, request: Any, state_dir: Any, fs: Any, store: Any, reader: A
         "mount": request.backend.name,
         "backend": request.backend.display(),
         "backend_health": _backend_health(fs),
+        "connectivity": _connectivity(fs, metadata),
         "read_only": request.options.read_only,
         "config": str(request.config_path) if request.config_path is not None else None,
         "options": _public_options(request.options),
@@ -69,6 +77,22 @@ def build_status(*, request: Any, state_dir: Any, fs: Any, store: Any, reader: A
 def _backend_health(fs: Any) -> dict[str, Any] | None:
     """Circuit breaker state and retry counters (None for a backend without them)."""
     return fs.backend.health()
+
+
+def _connectivity(fs: Any, metadata: Any) -> dict[str, Any]:
+    """Online or offline, since when, and what is served meanwhile (docs/reliability.md)."""
+    health = fs.backend.health() or {}
+    online = health.get("online", True)
+    result: dict[str, Any] = {
+        "state": "online" if online else "offline",
+        "since": health.get("since"),
+        "stale_metadata_answers": metadata.stats.get("stale_answers", 0),
+        "last_known_entries": metadata.last_known_count(),
+    }
+    if not online:
+        result["serving"] = ("last known listings and attributes, however old; cached blocks; "
+                             "uncached reads and namespace changes fail with EIO; uploads stay queued")
+    return result
 
 
 def _public_options(options: Any) -> dict[str, Any]:

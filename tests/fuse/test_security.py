@@ -98,13 +98,18 @@ def test_cache_modes_and_no_secret_anywhere(s3, mount, tmp_path):
     assert "chmod 600" in log
 
 
-def test_allow_other_off_by_default_and_never_without_default_permissions(s3, mount):
+def test_allow_other_off_and_default_permissions_on_by_default(s3, mount):
+    """Other users get nothing unless allow_other; the kernel checks the stored modes and
+    owners unless --no-default-permissions says otherwise (then it must not)."""
     m = mount("test:")
     with open("/proc/self/mounts") as f:
         line = next(line for line in f if f" {m.path} " in line)
     options = line.split()[3].split(",")
     assert "allow_other" not in options, options
+    assert "default_permissions" in options, options
     assert "default_permissions" in mount_options(fsname="x", read_only=False, allow_other=True,
-                                                  default_permissions=False)
+                                                  default_permissions=True)
+    assert "default_permissions" not in mount_options(fsname="x", read_only=False, allow_other=True,
+                                                      default_permissions=False)
     docs = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     assert "allow_other" in docs and "default_permissions" in docs

@@ -56,7 +56,7 @@ def test_storage_backend_is_the_union_of_the_parts() -> None:
         "put_bytes", "put_local_file", "delete", "copy", "make_dir", "remove_dir_marker",
         "min_copy_part", "part_size", "start_multipart", "upload_part", "copy_part", "complete_multipart",
         "abort_multipart",
-        "list_versions", "set_content_type", "add_listener", "health", "key_bytes", "update_metadata",
+        "list_versions", "set_content_type", "add_listener", "health", "key_bytes", "update_metadata", "head_folder",
     }
 
 
@@ -287,6 +287,9 @@ class Recorder:
     def key_bytes(self, path: str) -> int:
         return self._hit("key_bytes", (path,), {}, len(path))
 
+    async def head_folder(self, path: str) -> ObjectInfo | None:
+        return self._hit("head_folder", (path,), {}, None)
+
     def part_size(self, size: int) -> int:
         return self._hit("part_size", (size,), {}, 42)
 
@@ -394,6 +397,7 @@ FORWARDED: dict[str, tuple[Callable[[Any], Any], tuple[Any, ...], dict[str, Any]
     "list_versions": (lambda b: b.list_versions("p"), ("p",), {}, "once"),
     "set_content_type": (lambda b: b.set_content_type("p", "t/y"), ("p", "t/y"), {}, "once"),
     "key_bytes": (lambda b: b.key_bytes("p"), ("p",), {}, "direct"),
+    "head_folder": (lambda b: b.head_folder("p"), ("p",), {}, "retried"),
     "update_metadata": (lambda b: b.update_metadata("p", {"m": "1"}, content_type=None, if_match="e"),
                         ("p", {"m": "1"}), {"content_type": None, "if_match": "e"}, "once"),
 }

@@ -117,7 +117,8 @@ def test_default_names_and_roles():
     assert N.role_of(".versions") == "versions"
     assert N.role_of("concat") is None
     assert N.role_of(".CONCAT") is None
-    assert N.enabled() == {"concat": ".concat", "diff": ".diff", "versions": ".versions"}
+    assert N.role_of(".zip") == "zip"
+    assert N.enabled() == {"concat": ".concat", "diff": ".diff", "versions": ".versions", "zip": ".zip"}
 
 
 def test_names_configurable_and_disableable():

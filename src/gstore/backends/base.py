@@ -230,6 +230,11 @@ class ReadingBackend(Protocol):
         """How long the backend's key for ``path`` is, in bytes (see ``max_key_bytes``)."""
         ...
 
+    async def head_folder(self, path: str) -> ObjectInfo | None:
+        """The folder's marker object with its stored attributes, or None (no marker, or a
+        backend whose folders carry none)."""
+        ...
+
     async def probe(self) -> None:
         """Check that the mount root is reachable; raise with a clear message if not."""
 

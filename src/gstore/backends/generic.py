@@ -108,6 +108,9 @@ class FsspecBackend(NoHealth):
     def cache_key(self, path: str) -> str:
         return f"{self.cache_namespace}|{self._full(path)}"
 
+    async def head_folder(self, path: str) -> ObjectInfo | None:
+        return None  # folders here are real directories: nothing stored with them
+
     def key_bytes(self, path: str) -> int:
         return len(self._full(path).encode("utf-8", "surrogateescape"))
 

@@ -32,6 +32,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
+#: The metadata names gstore reads and writes (others' names are kept as they are).
+MANAGED = frozenset({"mode", "uid", "gid", "mtime", "ctime", "atime", "rdev", "xattr"})
+
 #: S3's limit on the user metadata of one object (keys and values, UTF-8).
 USER_METADATA_LIMIT = 2048
 
@@ -133,4 +136,4 @@ def encode(meta: PosixMeta) -> dict[str, str]:
     return out
 
 
-__all__ = ["PosixMeta", "USER_METADATA_LIMIT", "Xattrs", "decode", "encode"]
+__all__ = ["MANAGED", "PosixMeta", "USER_METADATA_LIMIT", "Xattrs", "decode", "encode"]

@@ -359,6 +359,9 @@ class ResilientBackend:
     def key_bytes(self, path: str) -> int:
         return self._inner.key_bytes(path)
 
+    async def head_folder(self, path: str) -> ObjectInfo | None:
+        return await self._retrying("head_folder", self._inner.head_folder, (path,), {})
+
     async def probe(self) -> None:
         # The startup check: one attempt, a clear message; never trips the breaker.
         await self._inner.probe()

@@ -281,6 +281,15 @@ class S3Writes:
             kwargs["Metadata"] = dict(metadata)
         await self._call("put_object", Key=self.key_of(path) + "/", Body=b"", **kwargs)
 
+    async def head_folder(self, path: str) -> ObjectInfo | None:
+        if not path:
+            return None
+        try:
+            head = await self._call("head_object", Key=self.key_of(path) + "/")
+        except FileNotFoundError:
+            return None
+        return _info_from_head(path.rsplit("/", 1)[-1], head, is_dir=True)
+
     def key_bytes(self, path: str) -> int:
         return len(self.key_of(path).encode("utf-8", "surrogateescape"))
 
@@ -296,7 +305,10 @@ class S3Writes:
             raise BackendError(errno.EFBIG, f"{path}: objects over 5 GiB cannot be rewritten in place")
         kwargs: dict[str, Any] = {
             "Key": key, "CopySource": {"Bucket": self.bucket, "Key": key},
-            "MetadataDirective": "REPLACE", "Metadata": dict(metadata),
+            # What other tools keep there stays; the names gstore manages are replaced.
+            "MetadataDirective": "REPLACE", "Metadata": {
+                **{k: v for k, v in (head.get("Metadata") or {}).items() if k.lower() not in objectmeta.MANAGED},
+                **metadata},
             "ContentType": content_type or head.get("ContentType") or "application/octet-stream",
         }
         if head.get("ETag"):
@@ -457,7 +469,8 @@ class S3Backend(S3Writes, NoHealth):
             except FileNotFoundError:
                 pass
         if listing.get("KeyCount", 0) or contents or listing.get("CommonPrefixes"):
-            return ObjectInfo(name=name, is_dir=True)
+            # No marker object: a folder that exists only as a prefix, with nothing stored.
+            return ObjectInfo(name=name, is_dir=True, detailed=True)
         raise FileNotFoundError(errno.ENOENT, f"no such object or prefix: {path}")
 
     async def list_dir(self, path: str, *, max_pages: int | None = None) -> Listing | None:

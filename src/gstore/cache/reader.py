@@ -10,6 +10,13 @@ doubles each time the reader enters a new block, up to ``readahead`` bytes;
 prefetches run in a mount-wide nursery and are never cancelled by a seek, so a
 program that reads the head, jumps to the tail and comes back (ffprobe) keeps
 what was already fetched. Random reads fetch only the blocks they touch.
+
+Offline (the backend's circuit open), cached blocks are served as always: a
+block's key is the object's identity (VersionId, ETag, size), so what is
+served is exactly what the cache holds for the version the handle opened. A
+missing block fails at once with EIO (no request is sent), and every fetch of
+one ``read`` shares one ``--request-timeout``
+(:func:`~gstore.backends.resilience.request_scope`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from dataclasses import dataclass, field
 import trio
 
 from gstore.backends.base import ObjectInfo, ReadingBackend
+from gstore.backends.resilience import request_scope
 from gstore.cache.blockstore import BlockStore
 from gstore.errors import BackendError, is_transient
 
@@ -113,11 +121,12 @@ class BlockReader:
         self._track_pattern(stream, offset, end, first, last)
 
         pieces: list[bytes] = []
-        for index in range(first, last + 1):
-            block_start = index * self.block_size
-            lo = max(offset, block_start) - block_start
-            hi = min(end, block_start + self.block_size) - block_start
-            pieces.append(await self._read_block(stream, index, lo, hi))
+        with request_scope():  # a read spanning blocks waits one --request-timeout at most
+            for index in range(first, last + 1):
+                block_start = index * self.block_size
+                lo = max(offset, block_start) - block_start
+                hi = min(end, block_start + self.block_size) - block_start
+                pieces.append(await self._read_block(stream, index, lo, hi))
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     async def _read_block(self, stream: ReadStream, index: int, lo: int, hi: int) -> bytes:

@@ -555,6 +555,18 @@ def parse_fsx_output(text: str) -> dict[str, Any]:
     }
 
 
+def fsx_compiled_out(fsx: Path) -> list[str]:
+    """Operations left out of this fsx build: fsx compiles clone, dedupe and exchange range
+    only when the headers define their ioctls, and then says so when the file system refuses
+    them; a build without them skips them silently, so look for that message in the binary."""
+    try:
+        binary = fsx.read_bytes()
+    except OSError:
+        return []
+    return [name for name in ("clone range", "dedupe range", "exchange range")
+            if f"does not support {name}".encode() not in binary]
+
+
 def run_fsx(fsx: Path, target: Path, name: str, flags: Sequence[str], log_dir: Path,
             timeout: float = DEFAULT_FSX_TIMEOUT) -> FsxRun:
     """One fsx run on ``target`` (created new); its .fsxlog/.fsxgood files go to ``log_dir``."""
@@ -587,6 +599,7 @@ class FsxSuiteResult:
     persistence: list[PersistenceCheck] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
     other_disabled: list[str] = field(default_factory=list)
+    compiled_out: list[str] = field(default_factory=list)  # operations this fsx build cannot do at all
     daemon_errors: list[str] = field(default_factory=list)
     daemon_exit: dict[str, int | None] = field(default_factory=dict)
     setup_error: str | None = None
@@ -617,7 +630,7 @@ def fsx_suite(fsx: Path, endpoint: str, bucket: str, client: Any, work: Path, *,
               log_level: str = "INFO", progress: Progress = _quiet) -> FsxSuiteResult:
     """The fsx matrix on one mount of ``bucket``, then the persistence checks: every final
     file read through that mount == the object after unmounting == a fresh mount's read."""
-    result = FsxSuiteResult(work_dir=str(work))
+    result = FsxSuiteResult(work_dir=str(work), compiled_out=fsx_compiled_out(fsx))
     work.mkdir(parents=True, exist_ok=True)
     log_dir = work / "fsx-logs"
     names = [f"fsx-{name}.bin" for name, _, _ in runs]
@@ -993,6 +1006,9 @@ def format_fsx(res: FsxSuiteResult) -> str:
                + (", ".join(res.unsupported) or "nothing"))
     if res.other_disabled:
         out.append("also switched off (not the file system's answer): " + "; ".join(res.other_disabled))
+    if res.compiled_out:
+        out.append("not in this fsx build (never tried): " + ", ".join(res.compiled_out)
+                   + "; no AIO or io_uring modes either")
     out.append("daemon exit: " + ", ".join(f"{k} {v}" for k, v in res.daemon_exit.items()))
     if res.daemon_errors:
         out.append(f"daemon log errors: {len(res.daemon_errors)} (first below)")
@@ -1090,7 +1106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     build_dir = (args.build_dir or default_build_dir()).expanduser().resolve()
     report: dict[str, Any] = {"started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                               "uid": os.getuid(), "build_dir": str(build_dir)}
-    failed = False
+    failed = True  # until the suites ran to the end: an interrupted run keeps its work dir
+    setup_failed = False
     work: Path | None = None
     try:
         sources = locate_sources(args.src, need)
@@ -1102,6 +1119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.build_only:
             _log(f"built: {fsx or ''} {pjd or ''}".strip())
             return 0
+        if pjd is not None:
+            list_pjdfstest_files(pjd / "tests", args.pjdfstest or ())  # a wrong name fails before mounting
         if want_pjd and os.getuid() != 0:
             _log("warning: pjdfstest expects root (it switches uids); most files will fail as another user")
         work = (args.work_dir.resolve() if args.work_dir else
@@ -1110,6 +1129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["work_dir"] = str(work)
         _log(f"work dir (mounts, caches, logs): {work}")
         texts = []
+        failed = False
         with LocalEndpoint() as s3:
             report["endpoint"] = s3.url
             if fsx is not None:
@@ -1127,6 +1147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 log_level=args.log_level, progress=_log)
                 report["fsx"] = asdict(res) | {"passed": res.passed}
                 failed |= not res.passed or bool(res.daemon_errors)
+                setup_failed |= res.setup_error is not None
                 texts.append(format_fsx(res))
             if pjd is not None:
                 _log(f"pjdfstest: from a fresh folder on a mount of {s3.url}")
@@ -1138,10 +1159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report["pjdfstest"] = asdict(res2) | {"passed": res2.passed, "totals": res2.totals(),
                                                       "by_cause": res2.by_cause()}
                 failed |= not res2.passed or bool(res2.daemon_errors)
+                setup_failed |= res2.setup_error is not None
                 texts.append(format_pjdfstest(res2))
         _log("\n" + "\n\n".join(texts))
         report["passed"] = not failed
-        return 1 if failed else 0
+        return 2 if setup_failed else 1 if failed else 0
     except ConformanceError as exc:
         report["setup_error"] = str(exc)
         _log(f"conformance: {exc}")

@@ -67,7 +67,9 @@ class AttributePolicy:
 
 
 def _ns(seconds: float) -> int:
-    return int(round(seconds * 1e9))
+    # Times travel as float seconds (S3 metadata, listings): exact to the microsecond, so
+    # "touch -d 04:05:06.789" reads back as .789000000, not .788999936.
+    return round(seconds * 1e6) * 1000
 
 
 __all__ = ["AttributePolicy", "Attributes", "PREFERRED_IO_SIZE"]

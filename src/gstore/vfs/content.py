@@ -88,6 +88,12 @@ class MountContent:
             self.metadata.remember(path, info)
         return info
 
+    def forget_folder(self, path: str) -> None:
+        """The folder is gone (rmdir, or renamed away): a new one of that name starts afresh."""
+        prefix = path + "/"
+        for known in [p for p in self._folders if p == path or p.startswith(prefix)]:
+            self._folders.pop(known, None)
+
     def learned_folder(self, path: str, info: ObjectInfo) -> None:
         """A folder's stored attributes, read from its marker object: kept for the mount's life."""
         if path not in self._folders:
@@ -170,7 +176,7 @@ class MountContent:
             self.metadata.forget_path(parent_path(path))  # its listing holds our old entry
             inode = self.inodes.by_path(path)
             if inode is not None:
-                inode.info_time = 0.0
+                inode.info_time = float("-inf")
             return
         if md5 and info.etag:
             self.known_md5[(path, info.etag)] = md5

@@ -10,10 +10,13 @@ the mount can ask it.
   is durable; the content is a JSON verdict (``{"ok": true, "failed": []}``).
   Writing paths to it first (one per line, relative to the mount) limits the
   flush to those paths. What ``gstore flush`` writes instead is a NUL byte and
-  a JSON object, ``{"paths": [...], "retry": true, "timeout": 30}`` (any name,
-  even one with a newline; ``retry`` tries parked uploads again); the verdict
-  then also lists each file that is not durable at its path (``files``: path,
-  ``state`` parked/failed/timed out/conflict, ``error``, ``saved_as``).
+  a JSON object, ``{"paths": [...], "retry": true, "timeout": 30, "poll":
+  0.5}`` (any name, even one with a newline; ``retry`` tries parked uploads
+  again; with ``poll`` each read returns within that time, ``{"running":
+  true}`` until the verdict is there, and closing the file stops the wait);
+  the verdict then also lists each file that is not durable at its path
+  (``files``: path, ``state`` parked/failed/timed out/conflict, ``error``,
+  ``saved_as``).
 * ``.gstore/refresh``: paths written to it (one per line, relative to the
   mount; ``.`` is the whole mount) are forgotten: attributes, listings,
   negative entries, kernel caches, never pending writes; the next access asks
@@ -34,6 +37,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import trio
 
 CONTROL_DIR = ".gstore"
 STATUS_FILE = "status.json"
@@ -68,6 +73,7 @@ class ControlHandle:
     name: str
     content: bytes | None = None
     written: bytearray = field(default_factory=bytearray)
+    job: FlushJob | None = field(default=None, repr=False)  # a flush running for this handle
 
 
 class ControlFiles:
@@ -86,15 +92,13 @@ class ControlFiles:
         self._flush_report = flush_report  # the detailed flush (see flush_report below)
 
     async def read(self, handle: ControlHandle, offset: int, size: int) -> bytes:
-        if handle.content is None:
+        if handle.name == FLUSH_FILE and self._flush_report is not None:
+            await self._flush_step(handle, offset)
+        elif handle.content is None:
             if handle.name == STATUS_FILE:
                 handle.content = (json.dumps(self._status(), indent=2, sort_keys=True) + "\n").encode()
             elif handle.name == REFRESH_FILE:
                 await self._run_refresh(handle)
-            elif self._flush_report is not None:
-                request = parse_flush_request(handle)
-                verdict = request.error_verdict() or await self._flush_report(request)
-                handle.content = (json.dumps(verdict, indent=2) + "\n").encode()
             else:
                 paths = written_paths(handle)  # "." is the whole mount
                 failed = await self._flush(paths or None)
@@ -104,9 +108,42 @@ class ControlFiles:
         return handle.content[offset : offset + size]
 
     async def closing(self, handle: ControlHandle) -> None:
-        """close(2) of a descriptor: paths written to ``refresh`` and never read are refreshed now."""
+        """close(2) of a descriptor: paths written to ``refresh`` and never read are refreshed now;
+        a flush nobody waits for any more (``gstore flush`` interrupted) stops waiting."""
         if handle.name == REFRESH_FILE and handle.content is None and handle.written:
             await self._run_refresh(handle)
+        if handle.job is not None:
+            handle.job.scope.cancel()
+
+    async def _flush_step(self, handle: ControlHandle, offset: int) -> None:
+        """The detailed flush. With ``poll`` in the request it runs in the background and
+        each read at offset 0 waits at most ``poll`` seconds for it, answering
+        ``{"running": true}`` until the verdict is there: the reader (``gstore
+        flush``) is never stuck in one long read, so Ctrl-C, SIGTERM and its own
+        timeout work (a FUSE read the daemon has taken cannot be interrupted)."""
+        assert self._flush_report is not None
+        job = handle.job
+        if job is None:
+            if handle.content is not None:
+                return  # answered already (a malformed request)
+            request = parse_flush_request(handle)
+            error = request.error_verdict()
+            if error is not None:
+                handle.content = _json(error)
+                return
+            job = handle.job = FlushJob(request)
+            if request.poll is None:  # a plain reader: wait in this read
+                await job.run(self._flush_report)
+            else:
+                trio.lowlevel.spawn_system_task(job.run, self._flush_report, name="gstore-flush")
+        if job.verdict is None and (offset == 0 or handle.content is None):
+            assert job.request.poll is not None
+            with trio.move_on_after(job.request.poll):
+                await job.done.wait()
+        if job.verdict is not None:
+            handle.content = _json(job.verdict)
+        elif offset == 0 or handle.content is None:
+            handle.content = _json({"running": True, "ok": False, "failed": [], "files": []})
 
     async def _run_refresh(self, handle: ControlHandle) -> None:
         paths = written_paths(handle)
@@ -138,12 +175,13 @@ class FlushRequest:
     paths: list[str] | None = None  # relative to the mount ("" is all of it); None: everything pending
     retry: bool = False  # parked uploads (refused for good) are tried again
     timeout: float | None = None  # seconds to wait at most; None: until durable or failed
+    poll: float | None = None  # seconds one read waits at most (None: until the verdict)
     error: str | None = None  # the request could not be understood
 
     def error_verdict(self) -> dict[str, Any] | None:
         if self.error is None:
             return None
-        return {"ok": False, "error": self.error, "failed": [], "files": []}
+        return {"ok": False, "error": self.error, "usage": True, "failed": [], "files": []}
 
 
 def parse_flush_request(handle: ControlHandle) -> FlushRequest:
@@ -158,15 +196,44 @@ def parse_flush_request(handle: ControlHandle) -> FlushRequest:
         paths = asked.get("paths")
         if paths is not None and not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
             raise ValueError('"paths" must be a list of strings')
-        timeout = asked.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not 0 <= timeout < 1e9):
-            raise ValueError('"timeout" must be a number of seconds')
+        timeout, poll = asked.get("timeout"), asked.get("poll")
+        for key, value, low in (("timeout", timeout, 0.0), ("poll", poll, 0.01)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not low <= value < 1e9):
+                raise ValueError(f'"{key}" must be a number of seconds')
     except ValueError as exc:
         return FlushRequest(error=f"malformed flush request: {exc}")
     cleaned = ["" if p.strip("/") in ("", ".") else p.strip("/") for p in paths or []]
     return FlushRequest(paths=cleaned or None, retry=bool(asked.get("retry")),
-                        timeout=None if timeout is None else float(timeout))
+                        timeout=None if timeout is None else float(timeout),
+                        poll=None if poll is None else float(poll))
+
+
+class FlushJob:
+    """One detailed flush, run for one open handle of ``.gstore/flush``."""
+
+    def __init__(self, request: FlushRequest) -> None:
+        self.request = request
+        self.verdict: dict[str, Any] | None = None
+        self.done = trio.Event()
+        self.scope = trio.CancelScope()  # cancelled when the handle is closed
+
+    async def run(self, report: Callable[[FlushRequest], Awaitable[dict[str, Any]]]) -> None:
+        """Never raises (it may run as a system task): a failure is the verdict."""
+        with self.scope:
+            try:
+                self.verdict = await report(self.request)
+            except Exception as exc:  # noqa: BLE001 - reported to the reader, never raised
+                self.verdict = {"ok": False, "error": f"the flush failed: {type(exc).__name__}: {exc}",
+                                "failed": [], "files": []}
+        if self.verdict is None:
+            self.verdict = {"ok": False, "error": "the flush was stopped (its reader went away)",
+                            "failed": [], "files": []}
+        self.done.set()
+
+
+def _json(value: dict[str, Any]) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()
 
 
 async def flush_report(pending: Any, request: FlushRequest) -> dict[str, Any]:

@@ -29,6 +29,8 @@ import stat
 import time
 from collections.abc import Iterator
 
+import trio
+
 from gstore.backends import objectmeta
 from gstore.backends.base import ObjectInfo, StorageBackend
 from gstore.cache.reader import BlockReader
@@ -37,14 +39,14 @@ from gstore.vfs.content import MountContent
 from gstore.vfs.control import (
     CONTROL_DIR,
     CONTROL_FILES,
-    FLUSH_FILE,
+    WRITABLE_CONTROL_FILES,
     ControlFiles,
     ControlHandle,
     control_path,
     is_control_path,
 )
 from gstore.vfs.handles import ControlFileHandle, DirHandle, FileHandle, ObjectHandle, StagedHandle, VirtualHandle
-from gstore.vfs.inodes import ROOT_INODE, Inode, InodeTable, parent_path
+from gstore.vfs.inodes import ROOT_INODE, Inode, InodeTable, file_kind, parent_path
 from gstore.vfs.metadata import ROOT_INFO, MetadataCache
 from gstore.vfs.virtual_files import VirtualFiles
 from gstore.vfs.xattrs import Xattrs
@@ -57,6 +59,9 @@ log = logging.getLogger(__name__)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 #: An open within this many seconds of the last look at the object trusts it (no HEAD).
 CLOSE_TO_OPEN_WINDOW = 1.0
+#: Folders with at most this many files not yet described get one HEAD per file at opendir.
+LISTING_DETAIL_LIMIT = 1000
+LISTING_DETAIL_CONCURRENCY = 16
 
 
 def _err(code: int, what: str) -> OSError:
@@ -87,6 +92,9 @@ class FileSystem:
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._next_handle = itertools.count(1)
         self.control: ControlFiles | None = None
+        # Inodes whose attributes changed behind the kernel's cache (another writer's new
+        # version, seen at open): the adapter invalidates them (take_kernel_invalidations).
+        self._kernel_stale: set[int] = set()
         self.virtual = VirtualFiles(self.content, virtual_names or VirtualNames(), ttl=attr_ttl)
         self.xattrs = Xattrs(self.content, self.virtual, ttl=attr_ttl, store=self._store_xattr)
 
@@ -193,7 +201,11 @@ class FileSystem:
         if not self.backend.capabilities.user_metadata:
             return info, False
         try:
-            fresh = await (self.backend.stat(path) if info.is_dir else self.backend.head(path))
+            if info.is_dir:
+                marker = await self.backend.head_folder(path)
+                self.content.learned_folder(path, marker or dataclasses.replace(info, detailed=True))
+                return self.content.decorate(path, info), False
+            fresh = await self.backend.head(path)
         except OSError as exc:
             if isinstance(exc, FileNotFoundError) or classify(exc)[1]:
                 return info, False  # gone meanwhile, or unreachable: what the listing said
@@ -239,7 +251,7 @@ class FileSystem:
             if inode.open_handles:
                 return  # an open file keeps the version it opened
             raise
-        if info.is_dir != inode.info.is_dir:
+        if file_kind(info) != file_kind(inode.info):
             # The kernel must never see an inode change kind: this number is gone,
             # the path gets a new one at its next lookup.
             self.inodes.detach_path(inode.path)
@@ -262,10 +274,59 @@ class FileSystem:
             self.virtual.hide_shadowed(inode.path, entries)
             if inode.path == "" and self.control is not None:
                 entries.pop(CONTROL_DIR, None)
+            await self._detail_listing(inode.path, entries)
         handle = DirHandle(inode, sorted(entries.items()))
         fh = next(self._next_handle)
         self._handles[fh] = handle
         return fh
+
+    async def _detail_listing(self, folder: str, entries: dict[str, ObjectInfo]) -> None:
+        """Attributes a listing cannot carry, for the files of a folder this mount knows nothing of.
+
+        A listing shows neither modes nor owners, nor whether a small object is a symlink
+        or a FIFO; readdirplus hands the kernel an inode whose type must never change
+        afterwards, and ``tar c`` or ``cp -a`` take modes from it. So the files of a folder
+        not described before (by this mount's writes, earlier HEADs or the attribute store
+        across restarts) get one HEAD each, in parallel, once per object version. A folder
+        with more than ``LISTING_DETAIL_LIMIT`` such files is shown as listed (defaults), so
+        ``ls -l`` of a large bucket folder stays one paginated LIST (docs/semantics.md).
+        """
+        if not self.backend.capabilities.user_metadata:
+            return
+        unknown = [name for name, info in entries.items() if not info.detailed]
+        if not unknown or len(unknown) > LISTING_DETAIL_LIMIT:
+            return
+        limiter = trio.CapacityLimiter(LISTING_DETAIL_CONCURRENCY)
+        prefix = f"{folder}/" if folder else ""
+
+        async def detail(name: str) -> None:
+            async with limiter:
+                listed = entries[name]
+                path = prefix + name
+                try:
+                    if listed.is_dir:
+                        marker = await self.backend.head_folder(path)
+                        # No marker: an implicit folder, nothing stored (remembered as such).
+                        found = marker or dataclasses.replace(listed, detailed=True)
+                        self.content.learned_folder(path, found)
+                        entries[name] = self.content.decorate(path, listed)
+                        return
+                    fresh = await self.backend.head(path)
+                except OSError as exc:
+                    if isinstance(exc, FileNotFoundError) or classify(exc)[1]:
+                        return  # gone, or unreachable: shown as listed
+                    raise
+                if fresh is None or fresh.etag != listed.etag or self.content.staged(path) is not None:
+                    return  # changed since the listing: the next lookup sees it
+                fresh = dataclasses.replace(fresh, name=name)
+                self.metadata.remember(path, fresh)
+                if fresh.etag:
+                    self.metadata.mtimes.set(path, fresh.etag, fresh.mtime, fresh)
+                entries[name] = fresh
+
+        async with trio.open_nursery() as nursery:
+            for name in unknown:
+                nursery.start_soon(detail, name)
 
     async def list_dir(self, path: str) -> dict[str, ObjectInfo]:
         """The directory's children: the backend listing with pending writes laid over it."""
@@ -324,7 +385,7 @@ class FileSystem:
             raise _err(errno.EISDIR, inode.path)
         if is_control_path(inode.path):
             name = inode.path.rsplit("/", 1)[-1]
-            if flags & _WRITE_FLAGS and name != FLUSH_FILE:
+            if flags & _WRITE_FLAGS and name not in WRITABLE_CONTROL_FILES:
                 raise _err(errno.EACCES, inode.path)
             assert self.control is not None
             self.inodes.opened(inode)
@@ -388,6 +449,13 @@ class FileSystem:
             self.metadata.remember_missing(inode.path)
             raise _err(errno.ESTALE, inode.path)  # the kernel looks the name up again
         fresh = dataclasses.replace(fresh, name=inode.info.name)
+        if file_kind(fresh) != file_kind(inode.info):
+            self.metadata.remember(inode.path, fresh)
+            self.inodes.detach_path(inode.path)
+            raise _err(errno.ESTALE, inode.path)  # the kernel looks the name up again: a new inode
+        if fresh.identity != inode.info.identity:
+            # The kernel's cached size and times are of the old version: the adapter tells it.
+            self._kernel_stale.add(inode.ino)
         if fresh.identity != inode.info.identity or not inode.info.detailed:
             self.metadata.remember(inode.path, fresh)
             if fresh.etag:
@@ -452,6 +520,10 @@ class FileSystem:
             self.content.folder_changed(parent.path)
         inode = self.inodes.remember(path, staged.info())
         return self._staged_handle(inode, staged, writable=True), inode
+
+    def take_kernel_invalidations(self) -> list[int]:
+        stale, self._kernel_stale = sorted(self._kernel_stale), set()
+        return stale
 
     def file_handle(self, fh: int) -> FileHandle:
         handle = self._handles.get(fh)
@@ -598,6 +670,7 @@ class FileSystem:
                                                                   ctime=now))
             await self.backend.make_dir(path, metadata=metadata)
             self.metadata.forget_path(path)
+            self.content.forget_folder(path)
             self.content.set_folder_attributes(path, info)
             self.metadata.remember(path, info)
             self.metadata.remember_empty_dir(path)  # exists() just saw nothing under it
@@ -643,19 +716,14 @@ class FileSystem:
             staged = pending.get(path)
             if staged is not None:
                 remote_may_exist = pending.remote_may_exist(staged)
-                await pending.drop(staged)
             else:
                 info = await self.metadata.stat(path)
                 if info.is_dir:
                     raise _err(errno.EISDIR, path)
                 remote_may_exist = True
-                inode = self.inodes.by_path(path)
-                if inode is not None and inode.open_handles:
-                    # Open elsewhere: those handles keep reading a local copy (as on a local disk).
-                    readers = sum(inode.open_identities.values())
-                    copy = await pending.keep_open_copy(path, info, readers=readers)
-                    inode.staged = copy
-                    self._switch_object_handles(inode, copy)
+            staged = await self._keep_for_open_handles(path, staged) or staged
+            if staged is not None:
+                await pending.drop(staged)
             if remote_may_exist:
                 await self.backend.delete(path)
                 self.metadata.mtimes.drop(path)
@@ -668,16 +736,29 @@ class FileSystem:
         self.content.folder_changed(parent.path)
         await self._keep_directory(parent_path(path))
 
-    def _switch_object_handles(self, inode: Inode, staged: StagedFile) -> None:
-        """Read handles of a remote object that is about to go: they read the local copy."""
+    async def _keep_for_open_handles(self, path: str, staged: StagedFile | None) -> StagedFile | None:
+        """``path`` is about to be unlinked or replaced (its lock held): descriptors still open
+        on it keep reading its bytes, as on a local disk. Read handles of the remote object
+        move to the pending file (a local copy is made when there is none); returns it."""
         assert self.pending is not None
-        for fh, handle in list(self._handles.items()):
-            if isinstance(handle, ObjectHandle) and handle.inode is inode:
-                counts = inode.open_identities
-                counts[handle.identity] = counts.get(handle.identity, 1) - 1
-                if counts[handle.identity] <= 0:
-                    del counts[handle.identity]
-                self._handles[fh] = StagedHandle(inode, self.pending, staged, writable=False)
+        inode = self.inodes.by_path(path)
+        if inode is None or not inode.open_handles:
+            return None
+        readers = [(fh, h) for fh, h in self._handles.items() if isinstance(h, ObjectHandle) and h.inode is inode]
+        if readers and staged is None:
+            info = await self._fresh_info(path)
+            staged = await self.pending.copy_for_readers(path, info)
+        if staged is None:
+            return None
+        for fh, handle in readers:
+            counts = inode.open_identities
+            counts[handle.identity] = counts.get(handle.identity, 1) - 1
+            if counts[handle.identity] <= 0:
+                del counts[handle.identity]
+            staged.readers += 1
+            self._handles[fh] = StagedHandle(inode, self.pending, staged, writable=False)
+        inode.staged = staged
+        return staged
 
     async def _keep_directory(self, path: str) -> None:
         """A directory that exists only as a key prefix vanishes with its last key:
@@ -706,6 +787,7 @@ class FileSystem:
             await self.backend.remove_dir_marker(path)
             self.metadata.forget_path(path)
             self.metadata.remember_missing(path)
+            self.content.forget_folder(path)
             self.inodes.detach_path(path)
         self.content.folder_changed(parent.path)
 
@@ -751,6 +833,9 @@ class FileSystem:
 
     async def _rename_file(self, pending: PendingFiles, old: str, new: str, source: ObjectInfo) -> ObjectInfo:
         """Move one file (both path locks held); returns what ``new`` shows afterwards."""
+        # Descriptors open on the file being replaced keep reading it (it becomes pending,
+        # then dropped below: their handles hold its bytes).
+        await self._keep_for_open_handles(new, pending.get(new))
         staged = pending.get(old)
         if staged is not None:
             target_remote = None if pending.get(new) is not None else await self._info_or_none(new)

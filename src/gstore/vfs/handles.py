@@ -70,7 +70,7 @@ class ObjectHandle(FileHandle):
         except StaleObjectError:
             # The object changed under this handle: the next open must see the new version.
             self._content.metadata.forget_path(self.inode.path)
-            self.inode.info_time = 0.0
+            self.inode.info_time = float("-inf")
             raise
 
     async def release(self, inodes: InodeTable) -> None:

@@ -11,6 +11,7 @@ A hash collision with a live inode of another path is resolved by probing.
 from __future__ import annotations
 
 import hashlib
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +47,14 @@ class Inode:
     staged: object = None
 
 
+def file_kind(info: ObjectInfo) -> int:
+    """The file type the kernel was told (S_IFREG, S_IFDIR, S_IFLNK, ...): it must never change
+    for one inode number, or the kernel marks the inode bad."""
+    if info.mode is not None and stat.S_IFMT(info.mode):
+        return stat.S_IFMT(info.mode)
+    return stat.S_IFDIR if info.is_dir else stat.S_IFREG
+
+
 def path_inode_number(path: str, attempt: int = 0) -> int:
     digest = hashlib.blake2b(f"{attempt}\0{path}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
     number = int.from_bytes(digest, "little") & _MASK
@@ -75,16 +84,22 @@ class InodeTable:
     def by_path(self, path: str) -> Inode | None:
         return self._by_path.get(path)
 
-    def number_for(self, path: str) -> int:
-        """The inode number ``path`` has, or would get, without registering it."""
+    def number_for(self, path: str, kind: int = stat.S_IFREG) -> int:
+        """The inode number ``path`` has, or would get, without registering it.
+
+        Symlinks, FIFOs, sockets and devices hash with their type: a listing cannot
+        tell them from files (a lookup can), and the same number must never come
+        back with another type, even after the kernel forgot it.
+        """
         known = self._by_path.get(path)
         if known is not None:
             return known.ino
         if path == "":
             return ROOT_INODE
+        seed = path if kind in (stat.S_IFREG, stat.S_IFDIR) else f"{path}\0{kind:o}"
         attempt = 0
         while True:
-            number = path_inode_number(path, attempt)
+            number = path_inode_number(seed, attempt)
             if number not in self._by_ino:
                 return number
             attempt += 1
@@ -94,11 +109,11 @@ class InodeTable:
         now = time.monotonic()
         inode = self._by_path.get(path)
         if inode is None:
-            inode = Inode(self.number_for(path), path, info, now)
+            inode = Inode(self.number_for(path, file_kind(info)), path, info, now)
             self._by_ino[inode.ino] = inode
             self._by_path[path] = inode
         elif info is not inode.info:
-            if info.is_dir != inode.info.is_dir:
+            if file_kind(info) != file_kind(inode.info):
                 # Same name, other kind: the kernel must not see the old inode
                 # change type, so the path moves to a fresh number.
                 self._detach(inode)

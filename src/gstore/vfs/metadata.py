@@ -173,7 +173,11 @@ class MetadataCache:
             except OSError as exc:
                 if not is_transient(exc):
                     raise  # a definite answer (not found, denied...)
-                known = self.last_known(path)  # raises FileNotFoundError if the last listing says so
+                try:
+                    known = self.last_known(path)
+                except FileNotFoundError:  # not in its folder's last listing
+                    self.stats["stale_answers"] += 1
+                    raise
                 if known is None:
                     self.stats["unanswered"] += 1
                     raise

@@ -86,8 +86,9 @@ class MtimeStore:
 
 
 def _attrs_json(info: ObjectInfo) -> str | None:
-    if info.mode is None and info.uid is None and info.gid is None and not info.xattrs:
+    if not info.detailed:
         return None
+    # Also for an object with no POSIX metadata ("{}" then): it was looked at, no HEAD again.
     return json.dumps({
         "mode": info.mode, "uid": info.uid, "gid": info.gid, "ctime": info.ctime, "atime": info.atime,
         "rdev": info.rdev, "xattrs": {n: base64.b64encode(v).decode("ascii") for n, v in info.xattrs or ()},

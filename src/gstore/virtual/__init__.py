@@ -10,6 +10,7 @@ filesystem layer wires them in:
 * :mod:`gstore.virtual.diff`: ``diff -u`` output, byte for byte.
 * :mod:`gstore.virtual.versions`: names and aliases of object versions.
 * :mod:`gstore.virtual.content_type`: MIME types and MD5s from S3 metadata.
+* :mod:`gstore.virtual.zipview`: byte layout of a stored zip archive (``.zip``).
 """
 
 from gstore.virtual.concat import ConcatError, ConcatLayout, read_concat
@@ -25,6 +26,7 @@ from gstore.virtual.names import (
     VirtualNames,
     VirtualPathError,
     VirtualRef,
+    ZipRef,
     concat_name,
     decode_part,
     diff_name,
@@ -34,8 +36,10 @@ from gstore.virtual.names import (
     parse_virtual_path,
     resolve_manifest,
     resolve_relative,
+    zip_name,
 )
 from gstore.virtual.versions import ObjectVersion, VersionEntry, VersionNotFoundError, VersionTable
+from gstore.virtual.zipview import ZipError, ZipLayout, ZipMember, ZipReader
 
 __all__ = [
     "DIFF_SIZE_LIMIT",
@@ -55,6 +59,11 @@ __all__ = [
     "VirtualNames",
     "VirtualPathError",
     "VirtualRef",
+    "ZipError",
+    "ZipLayout",
+    "ZipMember",
+    "ZipReader",
+    "ZipRef",
     "check_diff_sizes",
     "concat_name",
     "decode_part",
@@ -69,4 +78,5 @@ __all__ = [
     "resolve_manifest",
     "resolve_relative",
     "unified_diff_bytes",
+    "zip_name",
 ]

@@ -1,6 +1,6 @@
 """Names of the hidden virtual files, parsed into typed references.
 
-Every directory ``D`` of the mount (the root included) has three hidden virtual
+Every directory ``D`` of the mount (the root included) has four hidden virtual
 directories. They are reachable by path but never listed, and readdir of the
 virtual directory itself returns no entries (only ``.`` and ``..``).
 
@@ -61,9 +61,17 @@ virtual directory itself returns no entries (only ``.`` and ``..``).
     ``-1``, ``-2``... aliases). ``NAME`` and ``V`` are literal file names (no
     %-decoding: use ``D/sub/.versions/NAME`` for a file of a subfolder).
 
+``D/.zip/F.zip``
+    Read-only file: a STORED (uncompressed) zip archive of the regular files
+    under the folder ``D/F``, recursively, named relative to ``D/F`` (see
+    :mod:`gstore.virtual.zipview`). The name must end with ``.zip``; what is
+    before it is %-decoded like a ``.concat`` part (``a%2Fb.zip`` is the
+    folder ``D/a/b``), and ``.`` is ``D`` itself (``D/.zip/..zip``). The
+    folder may not be (or be inside) a virtual directory (EINVAL).
+
 Parts of ``.concat`` and ``.diff`` names, manifest paths and manifest lines
 may be version paths (``.diff/.versions%2Fconfig.json%2F-2+config.json``) but
-not other ``.concat``/``.diff`` files (EINVAL: no nesting, hence no cycles).
+not other ``.concat``/``.diff``/``.zip`` files (EINVAL: no nesting, hence no cycles).
 A part that names a virtual *directory* (``.concat``, ``.versions``,
 ``.versions/NAME``) or the mount root is EISDIR.
 
@@ -90,7 +98,7 @@ Path resolution and errors
     :func:`gstore.errors.to_errno` passes through.
 
 Configurable names
-    :class:`VirtualNames` maps each role (``concat``, ``diff``, ``versions``)
+    :class:`VirtualNames` maps each role (``concat``, ``diff``, ``versions``, ``zip``)
     to its directory name, or ``None`` to disable the role, because real
     objects with those names may exist. An enabled virtual name shadows a real
     object of the same name in every directory.
@@ -104,8 +112,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import ClassVar, Literal
 
-Role = Literal["concat", "diff", "versions"]
-ROLES: tuple[Role, ...] = ("concat", "diff", "versions")
+Role = Literal["concat", "diff", "versions", "zip"]
+ROLES: tuple[Role, ...] = ("concat", "diff", "versions", "zip")
 
 #: Manifests longer than this many bytes are refused with EFBIG.
 MANIFEST_MAX_BYTES = 4 * 1024 * 1024
@@ -143,6 +151,7 @@ class VirtualNames:
     concat: str | None = ".concat"
     diff: str | None = ".diff"
     versions: str | None = ".versions"
+    zip: str | None = ".zip"
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}
@@ -169,7 +178,7 @@ class VirtualNames:
 
     @classmethod
     def disabled(cls) -> VirtualNames:
-        return cls(concat=None, diff=None, versions=None)
+        return cls(concat=None, diff=None, versions=None, zip=None)
 
     def role_of(self, name: str) -> Role | None:
         """The role whose directory is called ``name``, or None."""
@@ -179,6 +188,8 @@ class VirtualNames:
             return "diff"
         if name == self.versions:
             return "versions"
+        if name == self.zip:
+            return "zip"
         return None
 
     def name_of(self, role: Role) -> str | None:
@@ -262,7 +273,18 @@ class VersionRef:
     path: str
 
 
-VirtualRef = VirtualDirRef | ConcatRef | ConcatManifestRef | DiffRef | VersionsDirRef | VersionRef
+@dataclass(frozen=True, slots=True)
+class ZipRef:
+    """``D/.zip/F.zip``: a zip archive of the files under ``folder`` (normalized,
+    mount-relative; ``""`` is the mount root)."""
+
+    role: ClassVar[Role] = "zip"
+    base_dir: str
+    folder: str
+    path: str
+
+
+VirtualRef = VirtualDirRef | ConcatRef | ConcatManifestRef | DiffRef | VersionsDirRef | VersionRef | ZipRef
 
 
 # -- path helpers ------------------------------------------------------------------
@@ -401,7 +423,7 @@ def _check_part(resolved: list[str], names: VirtualNames, what: str) -> str:
     if role != "versions":
         if not rest:
             raise _fail(errno.EISDIR, f"{what} {path!r} is a virtual directory")
-        raise _fail(errno.EINVAL, f"{what} {path!r}: virtual .concat/.diff files cannot be nested")
+        raise _fail(errno.EINVAL, f"{what} {path!r}: virtual .concat/.diff/.zip files cannot be nested")
     try:
         ref = _parse_components(resolved, names)
     except VirtualPathError as exc:
@@ -458,6 +480,8 @@ def _parse_components(comps: list[str], names: VirtualNames) -> VirtualRef | Non
             errno.ENOTDIR, f"{path!r}: {'/'.join(comps[: index + 2])!r} is a file, not a directory"
         )
     name = rest[0]
+    if role == "zip":
+        return _parse_zip(base, name, path, names)
     if role == "concat":
         if name.startswith("@"):
             raw = name[1:]
@@ -486,6 +510,28 @@ def _parse_components(comps: list[str], names: VirtualNames) -> VirtualRef | Non
     a_label, a = _resolve_part(base, raw_parts[0], names, "part 1")
     b_label, b = _resolve_part(base, raw_parts[1], names, "part 2")
     return DiffRef(base_dir, a, b, a_label, b_label, path)
+
+
+ZIP_SUFFIX = ".zip"
+
+
+def _parse_zip(base: list[str], name: str, path: str, names: VirtualNames) -> ZipRef:
+    if not name.endswith(ZIP_SUFFIX) or name == ZIP_SUFFIX:
+        raise _fail(errno.EINVAL, f"{path!r}: a zip view is named FOLDER.zip (FOLDER relative to the folder)")
+    try:
+        folder = _normalize(base, decode_part(name[: -len(ZIP_SUFFIX)]))
+    except VirtualPathError as exc:
+        raise _fail(exc.errno or errno.EINVAL, f"{path!r}: {exc.strerror}") from None
+    if _first_virtual(folder, names) is not None:
+        raise _fail(errno.EINVAL, f"{path!r}: a virtual directory cannot be zipped")
+    return ZipRef("/".join(base), "/".join(folder), path)
+
+
+def zip_name(folder: str) -> str:
+    """The ``.zip`` file name of ``folder`` (relative to D; ``.`` is D itself)."""
+    if folder == "":
+        raise ValueError("zip_name needs a folder ('.' for D itself)")
+    return encode_part(folder) + ZIP_SUFFIX
 
 
 def parse_virtual_path(path: str, names: VirtualNames) -> VirtualRef | None:

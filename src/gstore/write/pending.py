@@ -496,12 +496,11 @@ class PendingFiles:
             # Unlinked but open: the bytes stay for the handles, the journal forgets them.
             await trio.to_thread.run_sync(self.staging.remove_record, staged)
 
-    async def keep_open_copy(self, path: str, info: ObjectInfo, *, readers: int) -> StagedFile:
-        """A remote file about to be deleted is still open: copy it locally for those handles."""
-        staged = await self._stage(path, info, truncate=False)
+    async def copy_for_readers(self, path: str, info: ObjectInfo) -> StagedFile:
+        """A remote file about to be deleted or replaced is still open for reading: a local
+        copy of it (lock held) that those handles move to before it is dropped."""
+        staged = await self._stage(path, info, truncate=False, fill=False)
         await self.ensure_local(staged, 0, staged.size)
-        staged.readers += readers
-        await self.drop(staged)
         return staged
 
     async def move(self, staged: StagedFile, new_path: str, target: ObjectInfo | None) -> bool:
@@ -602,6 +601,7 @@ class PendingFiles:
         if self._by_id.get(staged.id) is staged and not staged.unlinked:
             # Still staged (open, or changed meanwhile): the journal must know what the
             # backend now has, or a restart would take our own upload for a conflict.
+            # (It may be removed meanwhile: persist then does nothing.)
             await trio.to_thread.run_sync(self.staging.persist, staged)
 
     def _failed(self, staged: StagedFile, exc: BaseException) -> None:

@@ -167,6 +167,9 @@ class UploadScheduler:
                 try:
                     with scope:
                         await self._upload(upload_id)
+                except Exception:  # noqa: BLE001 - one upload's bug must never stop every upload
+                    log.exception("upload %s failed unexpectedly; it will be tried again", upload_id)
+                    self.failed(upload_id, "internal error (see the log)", permanent=False)
                 finally:
                     del self._running[upload_id]
         finally:

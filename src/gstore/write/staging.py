@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,7 @@ class StagedFile:
     writers: int = 0  # open handles that may write
     readers: int = 0  # open read-only handles sharing these bytes
     unlinked: bool = False  # dropped: unlinked (maybe still open) or replaced; never uploaded
+    removed: bool = False  # its files are gone from the staging directory
     upload_started: bool = False  # an upload was sent at least once: an object may exist
     persisted_generation: int = -1  # the generation whose data and record are on disk
     published: ObjectInfo | None = None  # what the path shows once this file is retired
@@ -145,6 +147,7 @@ class StagingArea:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._records_lock = threading.Lock()
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(root, 0o700)
 
@@ -181,11 +184,21 @@ class StagingArea:
         return staged
 
     def persist(self, staged: StagedFile, *, sync_data: bool = True) -> None:
-        """Make the staged file's data and record durable (see the module docstring)."""
-        if staged.unlinked:
+        """Make the staged file's data and record durable (see the module docstring).
+
+        Runs in worker threads while the trio thread may remove the same staged file:
+        ``_records_lock`` orders the two, and a removed file is never recorded again
+        (a record without its data would be reported at every start).
+        """
+        if staged.unlinked or staged.removed:
             return
         if sync_data:
-            fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if staged.removed:
+                    return
+                raise
             try:
                 os.fsync(fd)
             finally:
@@ -193,30 +206,37 @@ class StagingArea:
         record = json.dumps(staged.record(), separators=(",", ":")).encode()
         final = self.root / f"{staged.id}.json"
         temp = self.root / f".{staged.id}.{secrets.token_hex(4)}.json.tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, record)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, final)
+        with self._records_lock:
+            if staged.unlinked or staged.removed:
+                return
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, record)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, final)
         self._sync_dir()
 
     def remove_record(self, staged: StagedFile) -> None:
         """Forget the journal record only: the bytes stay for handles still open."""
-        try:
-            os.unlink(self.root / f"{staged.id}.json")
-        except FileNotFoundError:
-            pass
+        with self._records_lock:
+            staged.unlinked = True
+            try:
+                os.unlink(self.root / f"{staged.id}.json")
+            except FileNotFoundError:
+                pass
         self._sync_dir()
 
     def remove(self, staged: StagedFile) -> None:
         """Forget a staged file (only after the backend confirmed it, or it was deleted)."""
-        for path in (self.root / f"{staged.id}.json", staged.data_path):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        with self._records_lock:
+            staged.removed = True
+            for path in (self.root / f"{staged.id}.json", staged.data_path):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         self._sync_dir()
 
     def load(self) -> list[StagedFile]:

@@ -1,0 +1,1 @@
+"""Core tests: the FUSE-free core of a mount under trio (see conftest.py)."""
