@@ -19,6 +19,7 @@ import pyfuse3
 import trio
 
 from gstore.backends.base import ObjectInfo
+from gstore.backends.resilience import request_scope
 from gstore.errors import classify
 from gstore.log import redactor
 from gstore.vfs.filesystem import FileSystem
@@ -45,8 +46,11 @@ def _remember_error(what: str, target: object, code: int, exc: BaseException) ->
 
 @contextmanager
 def _errors(what: str, target: object = "") -> Iterator[None]:
+    """One FUSE request: its errors become one errno, and its backend reads share one
+    ``--request-timeout`` whatever retries happen inside (request_scope)."""
     try:
-        yield
+        with request_scope():
+            yield
     except pyfuse3.FUSEError:
         raise
     except (trio.Cancelled, KeyboardInterrupt):

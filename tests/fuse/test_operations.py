@@ -439,7 +439,7 @@ def test_status_and_flush_with_pending_and_failing_uploads(s3, mount, tmp_path: 
         f.write(b"v2 local")
     s3.put("contested.txt", b"v2 remote")
     result = gstore("flush", str(m.path))
-    assert result.returncode == 1 and "contested.txt" in result.stderr, result
+    assert result.returncode == 4 and "contested.txt" in result.stderr, result  # 4: failed uploads, listed
     assert s3.get("sub/b.txt") == b"beta" * 1000  # the rest was uploaded all the same
     st = json.loads(gstore("status", "--json", str(m.path)).stdout)
     assert [e["path"] for e in st["uploads"]["failed_paths"]] == ["contested.txt"]

@@ -196,7 +196,8 @@ def test_conflicting_remote_change_keeps_both_versions(s3, mount):
         f.seek(0, os.SEEK_END)
         f.write(b"ours\n")
     s3.put("shared.txt", b"theirs\n")  # another writer, after this mount read the object
-    gstore("flush", str(m.path))
+    result = gstore("flush", str(m.path), check=False)
+    assert result.returncode == 5 and "shared.txt.conflict-" in result.stderr, result  # 5: conflicts, listed
     assert s3.get("shared.txt") == b"theirs\n"
     conflicts = [k for k in keys(s3) if k.startswith("shared.txt.conflict-")]
     assert len(conflicts) == 1 and s3.get(conflicts[0]) == b"original\nours\n"
@@ -209,7 +210,7 @@ def test_conflict_policy_fail_reports_and_keeps_the_data(s3, mount):
     (m.path / "guarded.txt").write_bytes(b"mine")
     s3.put("guarded.txt", b"v2-theirs")
     result = gstore("flush", str(m.path), check=False)
-    assert result.returncode == 1 and "guarded.txt" in result.stderr
+    assert result.returncode == 4 and "guarded.txt" in result.stderr  # 4: uploads failed (parked), listed
     assert s3.get("guarded.txt") == b"v2-theirs"
     assert (m.path / "guarded.txt").read_bytes() == b"mine"  # still here, still pending
     assert status(m)["uploads"]["failing"] == 1

@@ -591,9 +591,11 @@ class PendingFiles:
                 self._retire(staged)
             return
         generation, path = staged.generation, staged.path
-        staged.upload_started = True
+        def sending() -> None:
+            staged.upload_started = True  # from here on an object may exist at the path
+
         try:
-            result = await self.uploader.upload(staged, generation)
+            result = await self.uploader.upload(staged, generation, sending)
         except Exception as exc:  # noqa: BLE001 - an upload failure never ends the daemon
             self._failed(staged, exc)
             return

@@ -87,7 +87,13 @@ class Uploader:
         self.policy = policy
         self._part_limiter = trio.CapacityLimiter(max(1, part_concurrency))
 
-    async def upload(self, staged: StagedFile, generation: int) -> UploadResult:
+    async def upload(self, staged: StagedFile, generation: int,
+                     sending: Callable[[], None] = lambda: None) -> UploadResult:
+        """Upload ``generation`` of ``staged``; ``sending()`` is called just before the first
+        request that may create or change an object (after the conflict check)."""
+        return await self._upload(staged, generation, sending)
+
+    async def _upload(self, staged: StagedFile, generation: int, sending: Callable[[], None]) -> UploadResult:
         path = staged.path
         target, if_match, if_none_match, theirs = await self._resolve_conflict(staged)
         if not self.backend.capabilities.conditional_writes:
@@ -97,11 +103,13 @@ class Uploader:
         metadata = objectmeta.encode(staged.posix_meta())
         size = staged.size
         if self._attributes_only(staged, target):
+            sending()
             return await self._update_attributes(staged, target, metadata, content_type)
         copy_parts, local_parts = self._plan(staged, size)
         for start, end in local_parts:
             await self._ensure_local(staged, start, end)
         start_time = time.monotonic()
+        sending()
         md5: str | None
         if not copy_parts and size > SINGLE_PUT_LIMIT and not self.backend.capabilities.multipart:
             # No multipart here (file://, memory://): the backend copies the staging file itself.
