@@ -665,7 +665,13 @@ async def test_a_listing_shows_stored_attributes_and_a_large_one_the_defaults(tm
             assert perms(listed["b"].mode) == UMASK_FILE, f"never looked up: {describe(listed['b'])}"
 
 
-@pytest.mark.parametrize("folder", ["small", "beyond-the-detail-limit"])
+@pytest.mark.parametrize("folder", [
+    "small",
+    pytest.param("beyond-the-detail-limit", marks=pytest.mark.xfail(strict=True, reason=(
+        "documented limit (docs/semantics.md): a folder with more than LISTING_DETAIL_LIMIT files "
+        "this mount knows nothing of is shown as listed, so its symlinks and FIFOs look like files "
+        "until they are looked up by name after the entry expires"))),
+])
 async def test_a_listing_and_a_lookup_never_disagree_on_the_file_type(tmp_path: Path, folder: str) -> None:
     """On a core with an empty cache, a folder is listed first (ls, tar c, find): the inode
     numbers readdir hands out must keep their file type when looked up afterwards. The Linux

@@ -444,9 +444,9 @@ _rel_path = st.lists(_segment, min_size=1, max_size=4).map("/".join)
 @given(st.lists(_rel_path, min_size=1, max_size=4))
 def test_concat_name_round_trip(parts):
     names = VirtualNames()
-    ref = parse_virtual_path("d/.concat/" + concat_name(parts), names)
     if any(names.role_of(c) for p in parts for c in p.split("/")):
-        return  # virtual components have their own rules, tested elsewhere
+        return  # virtual components have their own rules (no nesting), tested elsewhere
+    ref = parse_virtual_path("d/.concat/" + concat_name(parts), names)
     assert isinstance(ref, ConcatRef)
     assert ref.parts == tuple("d/" + p for p in parts)
 

@@ -838,7 +838,8 @@ class FileSystem:
         await self._keep_for_open_handles(new, pending.get(new))
         staged = pending.get(old)
         if staged is not None:
-            target_remote = None if pending.get(new) is not None else await self._info_or_none(new)
+            # The target as the backend has it now (not as cached): the upload's If-Match.
+            target_remote = None if pending.get(new) is not None else await self.backend.head(new)
             remote_old = await pending.move(staged, new, target_remote)
             if remote_old:
                 await self.backend.delete(old)
