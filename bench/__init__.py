@@ -6,6 +6,8 @@ Run it with ``scripts/bench`` (see docs/benchmarks.md).  Modules:
 * ``endpoint``: the driver's handle on it (start/stop, stats reset/snapshot, boto3 polling)
 * ``tools``: how each filesystem is mounted, found (PID), measured and unmounted
 * ``workloads``: the measurements
+* ``references``: what each figure is divided by, measured in the same run (boto3 straight
+  to the endpoint; ``barefs``, a bare pyfuse3 + trio file system, the Python FUSE ceiling)
 * ``report``: results.md and the PNG charts
 * ``run``: command line and orchestration
 """

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.references import ROWS, ratio, reference_value, slowdown
+
 MiB = 1024 * 1024
 COLORS = {"gstore": "#1f77b4", "rclone": "#ff7f0e", "s3fs": "#2ca02c"}
 OPS = ("GET", "HEAD", "LIST", "PUT", "POST", "COPY", "DELETE")
@@ -20,10 +22,10 @@ def describe(results: dict[str, Any]) -> dict[str, tuple[str, str]]:
     """Workload name -> (title, how it is measured)."""
     c = results["config"]
     a = results.get("assets", {})
-    fio = (f"fio, 1 job, psync, iodepth 1, --direct=0 with POSIX_FADV_RANDOM (no kernel readahead), "
-           f"time-based {c['fio_runtime']} s over the {_sz(c['big_size'])} object, same random "
-           "sequence on every tool, fresh mount with empty caches. Latency is fio's completion "
-           "latency per read.")
+    fio = (f"Cached random reads: a fresh mount with empty caches reads the {_sz(c['big_size'])} "
+           "object once (`dd`, phase prime), then fio, 1 job, psync, iodepth 1, --direct=1 "
+           f"(O_DIRECT: every read is one FUSE request), time-based {c['fio_runtime']} s, same "
+           "random sequence on every tool. Latency is fio's completion latency per read.")
     return {
         "idle": ("Idle daemon",
                  "Mount, wait 1 s, then measure the daemon's CPU use over 3 s with nothing "
@@ -54,6 +56,11 @@ def describe(results: dict[str, Any]) -> dict[str, tuple[str, str]]:
                   f"`ffprobe -show_format -show_streams` of a {_sz(a.get('video_bytes'))} MP4 "
                   "(moov atom at the end), cold; then `ffmpeg -t 5 -vf scale=320:180 -c:v mpeg4` "
                   "of its first 5 s to /tmp, cold again. Seconds."),
+        "big_file": ("Big file memory",
+                     f"`dd if=/dev/zero bs=1M` of a {_sz(c.get('big_file_size'))} file into the "
+                     "mount until durable, then a cold `dd` back. The daemon's peak RSS per phase "
+                     "and whether it stayed flat (VmRSS sampled every 0.25 s: the last two "
+                     "quarters of the phase within 10% + 16 MiB of the first two)."),
         "md5": ("MD5 of a file",
                 f"`md5sum` of the {_sz(a.get('video_bytes'))} MP4 through the mount (cold) vs "
                 "getxattr(2) of `user.md5` (what `getfattr -n user.md5` does; cold). Seconds."),
@@ -91,6 +98,156 @@ def _mib(n: int | None) -> str:
     if n is None:
         return "?"
     return "0" if n == 0 else (f"{n / MiB:.1f}" if n >= MiB / 10 else f"{n / MiB:.3f}")
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _x(q: float | None) -> str:
+    if q is None:
+        return "–"
+    return f"{q:.2f}×" if q < 10 else f"{q:,.0f}×"
+
+
+def reference_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One dict per ratio-table row present in this run: label, source, reference value, and
+    each tool's value, its ratio to the reference and how many times worse it is."""
+    out = []
+    for row in ROWS:
+        if row.workload not in results["workloads"]:
+            continue
+        ref = reference_value(results, row)
+        tools = {}
+        for t in results["tools"]:
+            v = _get(results, row.workload, t, row.metric)
+            tools[t] = {"value": v, "ratio": ratio(v, ref), "worse": slowdown(row, v, ref)}
+        out.append({"row": row, "reference": ref, "tools": tools})
+    return out
+
+
+def reference_table(results: dict[str, Any]) -> list[str]:
+    tools = list(results["tools"])
+    lines = ["| figure | reference | reference value | " + " | ".join(f"{t} | {t} ÷ ref" for t in tools) + " |",
+             "|---|---|---:|" + "---:|---:|" * len(tools)]
+    for r in reference_rows(results):
+        row = r["row"]
+        cells = [f"{_fmt(r['tools'][t]['value'])} | {_x(r['tools'][t]['ratio'])}" for t in tools]
+        better = "higher is better" if row.higher_is_better else "lower is better"
+        lines.append(f"| {row.label} ({better}) | {row.source} | {_fmt(r['reference'])} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def furthest(results: dict[str, Any], tool: str = "gstore", n: int = 2) -> list[tuple[str, str, float]]:
+    """The n workloads where the tool is furthest from its reference: (workload, label, times
+    worse), one entry per workload (its worst figure)."""
+    worst: dict[str, tuple[str, float]] = {}
+    for r in reference_rows(results):
+        w = r["tools"].get(tool, {}).get("worse")
+        wl = r["row"].workload
+        if w is not None and (wl not in worst or w > worst[wl][1]):
+            worst[wl] = (r["row"].label, w)
+    ranked = sorted(worst.items(), key=lambda kv: -kv[1][1])
+    return [(wl, label, w) for wl, (label, w) in ranked[:n]]
+
+
+def _peak_rss_mib(results: dict[str, Any], tool: str) -> float | None:
+    peaks: list[int] = [int(r.get("peak_rss_kib") or 0) for by in results["workloads"].values()
+                        for t, r in by.items() if t == tool]
+    return round(max(peaks) / 1024, 1) if peaks and max(peaks) else None
+
+
+def goals(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Issue #14's measurable goals for gstore: (goal, figure, "pass"/"FAIL"/"–")."""
+    out: list[tuple[str, str, str]] = []
+    lat = results["endpoint"].get("latency_ms") or 0
+    cond = "" if lat == 20 else f" (stated for --latency 20; this run: {lat:g} ms)"
+    by_label = {r["row"].label: r for r in reference_rows(results)}
+
+    def verdict(ok: bool | None) -> str:
+        return "–" if ok is None else ("pass" if ok else "FAIL")
+
+    ls = by_label.get("ls -l cold s", {}).get("tools", {}).get("gstore", {}).get("ratio")
+    if "ls" in results["workloads"]:
+        n = results["config"].get("listing_count")
+        out.append((f"cold `ls -l` of {n:,} objects within 1.2× one LIST pass{cond}",
+                    _x(ls), verdict(None if ls is None else ls <= 1.2)))
+    if "small_files" in results["workloads"]:
+        v = _get(results, "small_files", "gstore", "durable s")
+        n = results["config"].get("small_count")
+        out.append((f"{n:,} small files durable within 5 s{cond}", f"{_fmt(v)} s",
+                    verdict(None if v is None else v <= 5)))
+    rd = by_label.get("seq read cold MiB/s", {}).get("tools", {}).get("gstore", {}).get("ratio")
+    if "seq_read" in results["workloads"]:
+        out.append((f"cold sequential read ≥ 0.8× a direct GET{cond}", _x(rd),
+                    verdict(None if rd is None else rd >= 0.8)))
+    rss = _peak_rss_mib(results, "gstore")
+    if "gstore" in results["tools"]:
+        out.append(("peak RSS of the daemon under 100 MiB over the whole benchmark",
+                    f"{_fmt(rss)} MiB", verdict(None if rss is None else rss < 100)))
+    big = results["workloads"].get("big_file", {}).get("gstore")
+    if big and big.get("status") == "ok":
+        m = big["metrics"]
+        flat = m.get("write RSS flat") == "yes" and m.get("read RSS flat") == "yes"
+        out.append((f"RSS flat writing and reading a {_sz(results['config'].get('big_file_size'))} file",
+                    f"write {m.get('write RSS flat')}, read {m.get('read RSS flat')}", verdict(flat)))
+    return out
+
+
+def references_section(results: dict[str, Any]) -> list[str]:
+    if not any(r["reference"] is not None for r in reference_rows(results)):
+        return []
+    lines = ["## Against the references", "",
+             "Every figure divided by its reference, measured in the same run on the same "
+             "endpoint right before the tools ran that workload: boto3 straight to the endpoint "
+             "(what a program speaking S3 itself gets) and `bench.barefs`, a bare pyfuse3 + trio "
+             "file system doing one `pread` of a local copy of the object per request (the "
+             "ceiling of a Python FUSE daemon). “÷ ref” is always tool / reference: for MiB/s "
+             "and IOPS above 1× beats the reference, for seconds and ms below 1× does.", ""]
+    lines += reference_table(results) + [""]
+    far = furthest(results)
+    if far:
+        wls = ",".join(wl for wl, _, _ in far)
+        lines += ["Furthest from their reference (gstore): "
+                  + "; ".join(f"{label} ({w:.1f}× worse)" for _, label, w in far)
+                  + f". Profile them with `scripts/bench --tools gstore --workloads {wls} "
+                  f"--profile {wls}`.", ""]
+    g = goals(results)
+    if g:
+        lines += ["Goals of issue #14:", "", "| goal | gstore | |", "|---|---:|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in g] + [""]
+    lines += ["Reference details (the endpoint's requests per phase, as for the tools):", "",
+              "| workload | reference | version | metrics |", "|---|---|---|---|"]
+    for wl, kinds in results.get("references", {}).items():
+        for kind, rec in kinds.items():
+            ms = ", ".join(f"{k} {_fmt(v)}" for k, v in rec.get("metrics", {}).items())
+            lines.append(f"| {wl} | {kind} | {rec.get('version', '')} | {ms} |")
+    lines.append("")
+    return lines
+
+
+def terminal_summary(results: dict[str, Any]) -> list[str]:
+    """The ratio table as plain text, for the end of a run."""
+    rows = reference_rows(results)
+    if not rows:
+        return []
+    tools = list(results["tools"])
+    head = f"{'figure':<30} {'reference':<30} {'ref':>9}" + "".join(f" {t:>9} {'÷ref':>7}" for t in tools)
+    out = ["", "Each figure as a ratio to its reference (tool / reference):", head, "-" * len(head)]
+    for r in rows:
+        line = f"{r['row'].label:<30} {r['row'].source:<30} {_fmt(r['reference']):>9}"
+        for t in tools:
+            line += f" {_fmt(r['tools'][t]['value']):>9} {_x(r['tools'][t]['ratio']):>7}"
+        out.append(line)
+    rss = "  ".join(f"{t} {_fmt(_peak_rss_mib(results, t))} MiB" for t in tools)
+    out.append(f"{'peak RSS over the run':<30} {rss}")
+    far = furthest(results)
+    if far:
+        out.append("furthest from the reference (gstore): "
+                   + "; ".join(f"{label} {w:.1f}× worse" for _, label, w in far))
+    for goal, fig, verdict in goals(results):
+        out.append(f"goal: {goal}: {fig} {verdict}")
+    return out
 
 
 # (label, workload, metric, True if higher is better)
@@ -205,6 +362,7 @@ def markdown(results: dict[str, Any], charts: list[str] | None = None) -> str:
               "Higher is better for MiB/s and IOPS, lower for everything else; the last column "
               "compares gstore with the best of the other tools. Details, backend requests and "
               "bytes per phase below.", ""] + summary_table(results) + [""]
+    lines += references_section(results)
     desc = describe(results)
     for wl, by_tool in results["workloads"].items():
         title, how = desc.get(wl, (wl, ""))
@@ -231,9 +389,10 @@ def markdown(results: dict[str, Any], charts: list[str] | None = None) -> str:
                   "durability polling subtracted); CPU seconds of the daemon, of the endpoint and of the whole "
                   "machine (which includes the client program, the driver and any outside load; "
                   f"{results['machine']['nproc']} CPUs):", "",
-                  "| tool | phase | " + " | ".join(OPS) + " | MiB down | MiB up | daemon CPU s | endpoint CPU s | machine busy CPU s | wall s |",
-                  "|---|---|" + "---:|" * (len(OPS) + 6)]
-        for tool, rec in by_tool.items():
+                  "| tool | phase | " + " | ".join(OPS) + " | MiB down | MiB up | daemon CPU s | endpoint CPU s | machine busy CPU s | wall s | peak RSS MiB |",
+                  "|---|---|" + "---:|" * (len(OPS) + 7)]
+        refs = {f"reference: {kind}": rec for kind, rec in results.get("references", {}).get(wl, {}).items()}
+        for tool, rec in {**refs, **by_tool}.items():
             for phase, p in rec["phases"].items():
                 b = p.get("backend", {})
                 if "error" in b or not b:
@@ -242,7 +401,8 @@ def markdown(results: dict[str, Any], charts: list[str] | None = None) -> str:
                              + f" | {_mib(b.get('bytes_down'))} | {_mib(b.get('bytes_up'))}"
                              f" | {_fmt(p.get('daemon_cpu_s'))} | {_fmt(p.get('endpoint_cpu_s'))}"
                              f" | {_fmt(p.get('machine_busy_cpu_s'))}"
-                             f" | {_fmt(round(p['wall_s'], 3)) if p.get('wall_s') is not None else '?'} |")
+                             f" | {_fmt(round(p['wall_s'], 3)) if p.get('wall_s') is not None else '?'}"
+                             f" | {_fmt(round(p['peak_rss_kib'] / 1024, 1)) if p.get('peak_rss_kib') else '–'} |")
         lines.append("")
 
     lines += ["## Daemons", "",

@@ -18,12 +18,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import references, report
 from bench.endpoint import BUCKET, Endpoint
 from bench.tools import REPO, TOOLS, Tool, tool_info
 from bench.util import BenchError, MiB, drop_caches, first_line, log, unmount, which
-from bench.workloads import (QUICK_WORKLOADS, WORKLOADS, Assets, Config, Run, Unsupported,
-                             md5_of)
+from bench.workloads import (DEFAULT_WORKLOADS, QUICK_WORKLOADS, WORKLOADS, Assets, Config, Run,
+                             Unsupported, md5_of)
 
 VIDEO_FILTER = "testsrc=size=640x360:rate=25,noise=alls=60:allf=t"
 
@@ -55,6 +55,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="record a py-spy profile (raw, per thread, plus a text summary) of the "
                         "gstore daemon during these workloads' measured phases; written next to "
                         "the results")
+    p.add_argument("--listing-count", type=int, default=None, metavar="N",
+                   help="objects in the ls prefix (default 10,000; 2,000 with --latency, the size "
+                        "the latency goal is stated for; --quick 2,000)")
+    p.add_argument("--big", action="store_true",
+                   help="add the big_file workload: peak RSS while writing and reading a 4 GiB "
+                        "file (needs ~2x that in free RAM: the endpoint keeps objects in memory)")
+    p.add_argument("--big-size", type=float, default=4.0, metavar="GIB",
+                   help="size of the big_file workload's file (default %(default)s GiB)")
+    p.add_argument("--no-references", action="store_true",
+                   help="skip the references (boto3 straight to the endpoint, bare pyfuse3 file "
+                        "system) that every figure is divided by")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch directory (debugging)")
     args = p.parse_args(argv)
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
@@ -62,7 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if t not in TOOLS:
             p.error(f"unknown tool {t!r} (known: {', '.join(TOOLS)})")
     if args.workloads is None:
-        args.workloads = list(QUICK_WORKLOADS if args.quick else WORKLOADS)
+        args.workloads = list(QUICK_WORKLOADS if args.quick else DEFAULT_WORKLOADS)
+        if args.big:
+            args.workloads.append("big_file")
     else:
         args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for w in args.workloads:
@@ -86,6 +99,13 @@ def make_config(args: argparse.Namespace) -> Config:
                      durable_timeout=180)
     if args.fio_runtime:
         cfg.fio_runtime = args.fio_runtime
+    if args.listing_count:
+        cfg.listing_count = args.listing_count
+    elif args.latency > 0:
+        cfg.listing_count = 2000  # the size issue #14's latency goal is stated for
+    cfg.big_file_size = int(args.big_size * 1024) * MiB
+    if "big_file" in args.workloads:
+        cfg.durable_timeout = max(cfg.durable_timeout, 1800)
     cfg.profile = args.profile
     if args.profile:
         cfg.py_spy = which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -184,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "endpoint": {"kind": "gstore.testing.s3server.S3TestServer (moto server + ranged-GET fast "
                              "path, TCP_NODELAY, no keep-alive) in its own process on 127.0.0.1",
                      "latency_ms": args.latency, "bandwidth_mibps": args.bandwidth},
-        "tools": {}, "workloads": {}, "errors": [],
+        "tools": {}, "references": {}, "workloads": {}, "errors": [],
     }
     endpoint: Endpoint | None = None
     tools: dict[str, Tool] = {}
@@ -209,7 +229,13 @@ def main(argv: list[str] | None = None) -> int:
                             log_path=logs / "endpoint.log")
         endpoint.start()
         results["endpoint"]["seed_s"] = round(time.perf_counter() - t0, 2)
-        big.unlink()
+        # big.bin stays: the bare FUSE reference serves it, upload_file sends it
+        write_file = big
+        if cfg.write_size != cfg.big_size:
+            write_file = work / "write.bin"
+            write_random(write_file, cfg.write_size)
+        ref_ctx = references.Context(endpoint, cfg, assets, work, logs, out, local_big=big,
+                                     write_file=write_file)
 
         for name in args.tools:
             tools[name] = TOOLS[name](endpoint, work, args.cache_size)
@@ -218,6 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         # -- workload-major: machine noise over time hits every tool alike
         for wl in args.workloads:
             results["workloads"][wl] = {}
+            if not args.no_references and wl in references.REFERENCES:
+                log(f"{wl} / references")
+                try:
+                    results["references"][wl] = references.measure(wl, ref_ctx)
+                    for kind, rec in results["references"][wl].items():
+                        summary = ", ".join(f"{k}={v}" for k, v in rec["metrics"].items())
+                        log(f"  {kind}: {summary}")
+                except Exception as exc:  # botocore's errors too: the tools still run
+                    results["errors"].append(f"{wl}/references: {type(exc).__name__}: {exc}")
+                    log(f"  ERROR: {type(exc).__name__}: {exc}")
+                    (logs / f"traceback-{wl}-references.txt").write_text(traceback.format_exc())
             for name, tool in tools.items():
                 log(f"{wl} / {name}")
                 run = Run(wl, tool, endpoint, cfg, assets, work, logs, out)
@@ -272,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log("report failed:\n" + traceback.format_exc())
         return 1
+    for line in report.terminal_summary(results):
+        print(line, flush=True)
     log(f"done in {results['duration_s']:.0f} s: {out / 'results.md'}")
     if interrupted:
         return 130

@@ -65,6 +65,21 @@ def proc_status_kib(pid: int | None, key: str) -> int | None:
     return None
 
 
+def reset_peak_rss(pid: int | None) -> bool:
+    """Reset a process's VmHWM to its current RSS (``echo 5 > /proc/PID/clear_refs``).
+
+    Lets one daemon lifetime report a peak per phase; needs root (or the same user) and
+    Linux >= 4.0. False if it could not be done (the peak then spans the whole session)."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5\n")
+        return True
+    except OSError:
+        return False
+
+
 def proc_cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.endpoint import Endpoint
+from bench.endpoint import BUCKET, Endpoint
 from bench.tools import Tool
-from bench.util import BenchError, MiB, drop_caches, log, machine_busy_seconds
+from bench.util import (BenchError, MiB, drop_caches, log, machine_busy_seconds,
+                        proc_status_kib, reset_peak_rss)
 
 # errnos that mean "this mount does not offer the feature (yet)", not "the benchmark broke"
 NOT_SUPPORTED = {errno.EROFS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODATA}
@@ -46,6 +47,7 @@ class Config:
     durable_timeout: float
     profile: list[str] = field(default_factory=list)  # workloads: py-spy profile of gstore during them
     py_spy: str | None = None
+    big_file_size: int = 4 * 1024 * MiB  # the --big workload's file
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Run:
     results_dir: Path
     record: dict[str, Any] = field(default_factory=dict)
     _session: int = 0
+    _session_peak_kib: int = 0  # VmHWM seen before each per-phase reset of it
 
     def __post_init__(self) -> None:
         self.mnt = self.work / "mnt" / self.tool.name
@@ -99,6 +102,7 @@ class Run:
     # -- mounts
     def _start(self) -> None:
         self._session += 1
+        self._session_peak_kib = 0
         log_path = self.logs / f"{self.tool.name}-{self.workload}-{self._session}.log"
         mount_s = self.tool.start(self.mnt, self.cache, log_path)
         self.record["sessions"].append({"mount_s": mount_s, "pid": self.tool.pid})
@@ -108,7 +112,8 @@ class Run:
         if self.tool.pid is None and self.tool.mnt is None:
             return
         session = self.record["sessions"][-1] if self.record["sessions"] else {}
-        session["peak_rss_kib"] = self.tool.peak_rss_kib()
+        peaks = [p for p in (self._session_peak_kib, self.tool.peak_rss_kib()) if p]
+        session["peak_rss_kib"] = max(peaks) if peaks else None
         session["daemon_cpu_s"] = self.tool.cpu()
         if not self.tool.stop():
             session["unclean_unmount"] = True
@@ -129,6 +134,9 @@ class Run:
     def phase(self, name: str, settle: float = 0.3) -> Iterator[dict[str, Any]]:
         rec: dict[str, Any] = {}
         profiler = self._start_profiler(name)
+        # peak RSS of this phase alone: remember the session's peak so far, then reset VmHWM
+        self._session_peak_kib = max(self._session_peak_kib, self.tool.peak_rss_kib() or 0)
+        phase_peak = reset_peak_rss(self.tool.pid)
         self.endpoint.reset_stats()
         d0, e0, m0 = self.tool.cpu(), self.endpoint.cpu(), machine_busy_seconds()
         t0 = time.perf_counter()
@@ -143,6 +151,11 @@ class Run:
             rec["machine_busy_cpu_s"] = round(m1 - m0, 2)
             rec["daemon_cpu_s"] = None if d0 is None or d1 is None else round(d1 - d0, 3)
             rec["endpoint_cpu_s"] = None if e0 is None or e1 is None else round(e1 - e0, 3)
+            hwm = self.tool.peak_rss_kib()
+            if hwm:
+                self._session_peak_kib = max(self._session_peak_kib, hwm)
+                if phase_peak:
+                    rec["peak_rss_kib"] = hwm
             try:
                 rec["backend"] = self.endpoint.stats()
             except OSError as exc:
@@ -261,13 +274,18 @@ def seq_read(r: Run) -> None:
 
 
 def _fio(r: Run, bs: str) -> None:
+    """Cached random reads: a fresh mount reads the object once (the daemon's cache now holds
+    it), then fio reads with O_DIRECT at queue depth 1, so every read is one FUSE request that
+    the daemon answers from its cache: its per-request cost, not the backend's."""
     path = r.mnt / r.assets.big_key
     out = r.work / f"fio-{r.tool.name}-{bs}.json"
     r.cold()
+    with r.phase("prime") as p:
+        p["wall_s"] = _read_all(path, r.cfg.big_size)
     with r.phase(f"randread {bs}"):
         _run(["fio", f"--name=randread-{bs}", f"--filename={path}", "--readonly", "--rw=randread",
-              f"--bs={bs}", "--ioengine=psync", "--iodepth=1", "--numjobs=1", "--direct=0",
-              "--invalidate=1", "--fadvise_hint=1", "--randrepeat=1", "--time_based=1",
+              f"--bs={bs}", "--ioengine=psync", "--iodepth=1", "--numjobs=1", "--direct=1",
+              "--invalidate=1", "--randrepeat=1", "--time_based=1",
               f"--runtime={r.cfg.fio_runtime}", "--output-format=json", f"--output={out}"],
              timeout=r.cfg.fio_runtime + 120)
     job = json.loads(out.read_text())["jobs"][0]["read"]
@@ -282,12 +300,12 @@ def _fio(r: Run, bs: str) -> None:
 
 
 def rand_4k(r: Run) -> None:
-    """fio random 4 KiB reads (one thread, psync, page cache on) over the big object."""
+    """fio random 4 KiB reads (one thread, psync, O_DIRECT, cached) over the big object."""
     _fio(r, "4k")
 
 
 def rand_64k(r: Run) -> None:
-    """fio random 64 KiB reads (one thread, psync, page cache on) over the big object."""
+    """fio random 64 KiB reads (one thread, psync, O_DIRECT, cached) over the big object."""
     _fio(r, "64k")
 
 
@@ -427,6 +445,92 @@ def idle(r: Run) -> None:
     r.metric("RSS MiB", None if rss is None else round(rss / 1024, 1))
 
 
+class RssSampler:
+    """VmRSS of one process every 0.25 s in a thread, to tell a flat curve from a growing one."""
+
+    def __init__(self, pid: int | None) -> None:
+        import threading
+
+        self.pid = pid
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        t0 = time.perf_counter()
+        while not self._stop.is_set():
+            kib = proc_status_kib(self.pid, "VmRSS")
+            if kib is None:
+                return
+            self.samples.append((time.perf_counter() - t0, kib))
+            self._stop.wait(0.25)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, Any]:
+        """Peak RSS (MiB) in each quarter of the phase: flat means the last quarters do not
+        climb above the first ones (within 10% + 16 MiB, for allocator noise)."""
+        if len(self.samples) < 4:
+            return {"quarters_mib": [], "flat": None}
+        end = self.samples[-1][0] or 1.0
+        quarters = [0, 0, 0, 0]
+        for t, kib in self.samples:
+            q = min(3, int(4 * t / end))
+            quarters[q] = max(quarters[q], kib)
+        mib = [round(k / 1024, 1) for k in quarters]
+        first_half = max(mib[:2])
+        return {"quarters_mib": mib, "flat": max(mib[2:]) <= first_half * 1.1 + 16}
+
+
+def big_file(r: Run) -> None:
+    """RSS while writing and then reading a big_file_size (4 GiB) file (only with --big).
+
+    dd from /dev/zero into the mount, made durable (gstore flush / polling), then a cold
+    dd back. Reported: the daemon's peak RSS per phase and whether it stayed flat."""
+    key = f"big-{r.tool.name}.bin"
+    path, size = r.mnt / key, r.cfg.big_file_size
+    count = size // MiB
+    r.cold()
+    with r.phase("write") as p, RssSampler(r.tool.pid) as rss_w:
+        t0 = time.perf_counter()
+        _run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}"], timeout=3600)
+        p["close_s"] = time.perf_counter() - t0
+        durable = _durable(r, lambda: r.endpoint.head_size(key) == count * MiB, 0.25, p)
+        if durable is None:
+            raise BenchError(f"{key} not in the bucket after {r.cfg.durable_timeout:.0f} s")
+        p["wall_s"] = durable - t0
+    r.record["rss_write"] = rss_w.summary()
+    r.cold()
+    with r.phase("read cold") as p, RssSampler(r.tool.pid) as rss_r:
+        p["wall_s"] = _read_all(path, count * MiB)
+    r.record["rss_read"] = rss_r.summary()
+    r.metric("write peak RSS MiB", _phase_peak_mib(r, "write"))
+    r.metric("read peak RSS MiB", _phase_peak_mib(r, "read cold"))
+    r.record["metrics"]["write RSS flat"] = _yes_no(r.record["rss_write"]["flat"])
+    r.record["metrics"]["read RSS flat"] = _yes_no(r.record["rss_read"]["flat"])
+    r.metric("write MiB/s to durable", _mibps(count * MiB, r.record["phases"]["write"]["wall_s"]))
+    r.metric("read MiB/s", _mibps(count * MiB, r.record["phases"]["read cold"]["wall_s"]))
+    try:
+        r.endpoint.client.delete_object(Bucket=BUCKET, Key=key)  # the endpoint keeps it in RAM
+    except Exception as exc:  # noqa: BLE001 - tidying only
+        log(f"  could not delete {key}: {exc}")
+
+
+def _yes_no(flat: bool | None) -> str:
+    return "?" if flat is None else ("yes" if flat else "no")
+
+
+def _phase_peak_mib(r: Run, phase: str) -> float | None:
+    kib = r.record["phases"].get(phase, {}).get("peak_rss_kib")
+    return None if kib is None else round(kib / 1024, 1)
+
+
 WORKLOADS: dict[str, Callable[[Run], None]] = {
     "idle": idle,
     "seq_read": seq_read,
@@ -437,7 +541,9 @@ WORKLOADS: dict[str, Callable[[Run], None]] = {
     "ls": ls,
     "video": video,
     "md5": md5,
+    "big_file": big_file,  # not in DEFAULT_WORKLOADS: only with --big (or --workloads big_file)
 }
+DEFAULT_WORKLOADS = tuple(w for w in WORKLOADS if w != "big_file")
 QUICK_WORKLOADS = ("idle", "seq_read", "rand_4k", "seq_write", "small_files", "ls", "video", "md5")
 
 

@@ -1,15 +1,22 @@
 #!/usr/bin/env python3
-"""``gstore sync --skip-if md5`` against ``rsync -rc`` (and ``rclone sync --checksum`` when installed),
-on a mount of a local S3 endpoint (127.0.0.1): what it costs to bring a 1,000-file tree up to date
-when 10 files changed.
+"""``gstore sync`` against ``rsync`` and ``rclone sync`` on the same tree, on a local S3 endpoint
+(127.0.0.1): bytes read, bytes sent, requests and time for four jobs.
 
-Each tool gets its own bucket holding the same tree (put directly with boto3), a fresh gstore mount
-with an empty block cache, and the same local source (the tree with 10 files changed: same sizes,
-other bytes). The figures cover the tool's run plus, for tools other than gstore sync (which ends
-with one), a ``gstore flush``, so every run ends with the 10 files durable in the bucket. Bytes read
-are the GET response bodies the endpoint sent; requests are counted by the endpoint.
+1. first copy: a local tree of N files into an empty bucket folder;
+2. again, nothing changed;
+3. again, after changing a few files (same sizes, other bytes: only a checksum sees it);
+4. inside the bucket: the folder copied to another folder of the same bucket.
 
-Usage: .venv/bin/python scripts/measure_sync.py [--files 1000] [--changed 10] [--repeat 3]
+Compared: ``gstore sync --skip-if md5`` (through a gstore mount; job 4 is its server-side copy),
+``rsync -rc`` (through a gstore mount; every run followed by ``gstore flush`` so it ends durable
+too), and ``rclone sync --checksum`` talking to the endpoint with its own S3 backend (its best
+case: MD5s from the listing's ETags, CopyObject inside a bucket). Each tool has its own bucket;
+every job gets a fresh mount with an empty cache (a later day, not a warm cache). Requests are
+counted by the endpoint, after the mount is up; bytes read are GET response bodies, bytes sent
+are request bodies the endpoint received. The endpoint is moto behind gstore's test wrapper
+(single ranges served from the stored bytes, TCP_NODELAY).
+
+Usage: .venv/bin/python scripts/measure_sync.py [--files 1000] [--changed 5] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gstore.testing.localmount import mount_bucket, unmount
 from gstore.testing.s3server import S3TestServer
 
 KiB = 1024
+JOBS = ("1. first copy", "2. nothing changed", "3. {changed} files changed", "4. copy inside the bucket")
 
 
 def gstore_cmd(*args: str) -> list[str]:
@@ -48,103 +57,148 @@ def make_tree(root: Path, count: int, seed: int) -> dict[str, bytes]:
     return files
 
 
-def seed_bucket(client, bucket: str, files: dict[str, bytes]) -> None:
-    client.create_bucket(Bucket=bucket)
-    for rel, data in files.items():
-        client.put_object(Bucket=bucket, Key=f"tree/{rel}", Body=data)
-
-
-def bucket_digest(client, bucket: str) -> dict[str, str]:
+def bucket_digest(client, bucket: str, prefix: str) -> dict[str, str]:
     out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="tree/"):
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
+            if item["Key"].endswith("/"):
+                continue  # folder markers
             body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-            out[item["Key"][len("tree/"):]] = hashlib.md5(body).hexdigest()
+            out[item["Key"][len(prefix):]] = hashlib.md5(body).hexdigest()
     return out
 
 
-def run_tool(name: str, command: list[str], server: S3TestServer, mnt: Path, flush: bool) -> dict:
-    server.stats.reset()
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed ({done.returncode}): {done.stderr[-2000:]}")
-    if flush:
-        subprocess.run(gstore_cmd("flush", str(mnt)), check=True)
-    elapsed = time.perf_counter() - start
-    records = server.stats.records()
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r.op] = counts.get(r.op, 0) + 1
-    gets = [r for r in records if r.op == "GET"]
-    return {"tool": name, "seconds": elapsed, "requests": len(records), "ops": counts,
-            "bytes_read": sum(r.bytes_sent for r in gets), "received": server.stats.snapshot()["bytes_received"]}
+def rclone_env(endpoint: str) -> dict[str, str]:
+    """An rclone remote "gs" for the endpoint, from the environment (no config file)."""
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}  # rclone 1.60 rejects it
+    env.update(RCLONE_CONFIG_GS_TYPE="s3", RCLONE_CONFIG_GS_PROVIDER="Other", RCLONE_CONFIG_GS_ENDPOINT=endpoint,
+               RCLONE_CONFIG_GS_ACCESS_KEY_ID="k", RCLONE_CONFIG_GS_SECRET_ACCESS_KEY="s",
+               RCLONE_CONFIG_GS_REGION="us-east-1", RCLONE_CONFIG="/dev/null")
+    return env
+
+
+class Bench:
+    def __init__(self, server: S3TestServer, work: Path) -> None:
+        self.server = server
+        self.work = work
+        self.client = server.client()
+        self.runs = 0
+
+    def measure(self, bucket: str, command: Callable[[Path], list[str]], *, mounted: bool, flush: bool,
+                env: dict[str, str] | None = None) -> dict:
+        """One run of ``command(mountpoint)`` (with a fresh mount of ``bucket`` when ``mounted``)."""
+        self.runs += 1
+        run_dir = self.work / f"run{self.runs}"
+        mnt = run_dir / "mnt"
+        mnt.mkdir(parents=True)
+        if mounted:
+            mount_bucket(self.server.endpoint_url, run_dir, mnt, "--block-size", "1M", bucket=bucket)
+        try:
+            self.server.stats.reset()
+            start = time.perf_counter()
+            done = subprocess.run(command(mnt), capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise SystemExit(f"{command(mnt)} failed ({done.returncode}): {done.stderr[-2000:]}")
+            if flush:
+                subprocess.run(gstore_cmd("flush", str(mnt)), check=True, capture_output=True)
+            elapsed = time.perf_counter() - start
+            records = self.server.stats.records()
+            received = self.server.stats.snapshot()["bytes_received"]
+        finally:
+            if mounted:
+                unmount(mnt, timeout=120)
+        counts: dict[str, int] = {}
+        for r in records:
+            counts[r.op] = counts.get(r.op, 0) + 1
+        return {"seconds": elapsed, "requests": len(records), "ops": counts, "stdout": done.stdout,
+                "bytes_read": sum(r.bytes_sent for r in records if r.op == "GET"), "bytes_sent": received}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=1000)
-    parser.add_argument("--changed", type=int, default=10)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per tool (median time reported)")
+    parser.add_argument("--changed", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of all jobs (median time reported)")
     args = parser.parse_args()
+    have_rclone = shutil.which("rclone") is not None
 
-    tools: list[tuple[str, list[str], bool]] = []
     with S3TestServer() as server, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        client = server.client()
+        bench = Bench(server, work)
+        client = bench.client
         original = make_tree(work / "seed", args.files, seed=1)
-        local = work / "local"
-        shutil.copytree(work / "seed", local)
-        rng = random.Random(2)
-        changed = rng.sample(sorted(original), args.changed)
-        for rel in changed:
-            (local / rel).write_bytes(rng.randbytes(len(original[rel])))  # same size, other bytes
-        expected = {rel: hashlib.md5((local / rel).read_bytes()).hexdigest() for rel in original}
         total = sum(len(v) for v in original.values())
-        print(f"tree: {args.files} files, {total / 2**20:.1f} MiB; {args.changed} changed (same sizes)")
+        print(f"tree: {args.files} files, {total / 2**20:.1f} MiB in 20 folders; job 3 changes {args.changed} "
+              "(same sizes, other bytes)")
+        rclone = rclone_env(server.endpoint_url)
 
-        def candidates(mnt: Path) -> list[tuple[str, list[str], bool]]:
-            found = [("gstore sync --skip-if md5", gstore_cmd("sync", "-q", "--skip-if", "md5", f"{local}/",
-                                                              str(mnt / "tree")), False),
-                     ("rsync -rc", ["rsync", "-rc", f"{local}/", f"{mnt}/tree/"], True)]
-            if shutil.which("rclone"):
-                found.append(("rclone sync --checksum", ["rclone", "sync", "--checksum", f"{local}/",
-                                                         f"{mnt}/tree/"], True))
+        # tool -> (command for jobs 1-3 given (local, mnt, bucket), command for job 4, mounted, flush, env)
+        def tools() -> list[tuple[str, Callable, Callable, bool, bool, dict | None]]:
+            found = [
+                ("gstore sync --skip-if md5",
+                 lambda local, mnt, b: gstore_cmd("sync", "-q", "--skip-if", "md5", f"{local}/", str(mnt / "tree")),
+                 lambda mnt, b: gstore_cmd("sync", "-q", "--skip-if", "md5", str(mnt / "tree"), str(mnt / "copy")),
+                 True, False, None),
+                ("rsync -rc",
+                 lambda local, mnt, b: ["rsync", "-rc", f"{local}/", f"{mnt}/tree/"],
+                 lambda mnt, b: ["rsync", "-rc", f"{mnt}/tree/", f"{mnt}/copy/"],
+                 True, True, None),
+            ]
+            if have_rclone:
+                found.append((
+                    "rclone sync --checksum",
+                    lambda local, mnt, b: ["rclone", "sync", "--checksum", "--s3-no-check-bucket", f"{local}/",
+                                           f"gs:{b}/tree"],
+                    lambda mnt, b: ["rclone", "sync", "--checksum", "--s3-no-check-bucket", f"gs:{b}/tree",
+                                    f"gs:{b}/copy"],
+                    False, False, rclone))
             return found
 
-        results: dict[str, list[dict]] = {}
-        for attempt in range(args.repeat):
-            for index, (name, _, _) in enumerate(candidates(work)):
-                bucket = f"run-{attempt}-{index}"
-                seed_bucket(client, bucket, original)
-                run_dir = work / bucket
-                mnt = run_dir / "mnt"
-                mnt.mkdir(parents=True)
-                config = run_dir / "mounts.toml"
-                mount_bucket(server.endpoint_url, run_dir, mnt, "--block-size", "1M", bucket=bucket)
-                try:
-                    _, command, flush = candidates(mnt)[index]
-                    results.setdefault(name, []).append(run_tool(name, command, server, mnt, flush))
-                finally:
-                    unmount(mnt, timeout=60)
-                assert bucket_digest(client, bucket) == expected, f"{name}: the bucket does not match"
-                del config
+        results: dict[tuple[str, str], list[dict]] = {}
+        for round_ in range(args.repeat):
+            for index, (name, to_tree, inside, mounted, flush, env) in enumerate(tools()):
+                bucket = f"r{round_}-t{index}"
+                client.create_bucket(Bucket=bucket)
+                local = work / f"local-{bucket}"
+                shutil.copytree(work / "seed", local)
+                expected = {rel: hashlib.md5(data).hexdigest() for rel, data in original.items()}
+                rng = random.Random(2)
+                changed = rng.sample(sorted(original), args.changed)
+                for job in JOBS:
+                    label = job.format(changed=args.changed)
+                    if job.startswith("3."):
+                        for rel in changed:
+                            data = rng.randbytes(len(original[rel]))
+                            (local / rel).write_bytes(data)
+                            expected[rel] = hashlib.md5(data).hexdigest()
+                    if job.startswith("4."):
+                        command = (lambda mnt, b=bucket, f=inside: f(mnt, b))
+                        prefix = "copy/"
+                    else:
+                        command = (lambda mnt, b=bucket, f=to_tree, l=local: f(l, mnt, b))
+                        prefix = "tree/"
+                    result = bench.measure(bucket, command, mounted=mounted, flush=flush, env=env)
+                    results.setdefault((label, name), []).append(result)
+                    got = bucket_digest(client, bucket, prefix)
+                    assert got == expected, f"{name}, {label}: the bucket does not match the source"
 
         print()
-        print("| tool | bytes read (GET bodies) | GET | HEAD | LIST | PUT | other | requests | time (median) |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for name, runs in results.items():
+        print("| job | tool | bytes read (GET) | bytes sent | GET | HEAD | LIST | PUT | COPY | other | requests "
+              "| time |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for (label, name), runs in results.items():
             first = runs[0]
             ops = first["ops"]
-            other = first["requests"] - sum(ops.get(k, 0) for k in ("GET", "HEAD", "LIST", "PUT"))
+            main_ops = ("GET", "HEAD", "LIST", "PUT", "COPY")
+            other = first["requests"] - sum(ops.get(k, 0) for k in main_ops)
             times = sorted(r["seconds"] for r in runs)
-            print(f"| {name} | {first['bytes_read'] / 2**20:,.2f} MiB | {ops.get('GET', 0)} | {ops.get('HEAD', 0)} | "
-                  f"{ops.get('LIST', 0)} | {ops.get('PUT', 0)} | {other} | {first['requests']} | "
-                  f"{times[len(times) // 2]:.2f} s |")
-        if not shutil.which("rclone"):
-            print("\n(rclone is not installed: no rclone row)")
-        for name, runs in results.items():
-            print(f"{name}: ops of the first run {runs[0]['ops']}; times {[round(r['seconds'], 2) for r in runs]}")
+            print(f"| {label} | {name} | {first['bytes_read'] / 2**20:,.2f} MiB | {first['bytes_sent'] / 2**20:,.2f} MiB"
+                  f" | " + " | ".join(str(ops.get(k, 0)) for k in main_ops) +
+                  f" | {other} | {first['requests']:,} | {times[len(times) // 2]:.2f} s |")
+        if not have_rclone:
+            print("\n(rclone is not installed: no rclone rows)")
+        for (label, name), runs in results.items():
+            print(f"{label} / {name}: ops {runs[0]['ops']}; times {[round(r['seconds'], 2) for r in runs]}")
     return 0
 
 

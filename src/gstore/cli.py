@@ -256,6 +256,9 @@ def _status(mountpoints: list[str], *, as_json: bool, timeout: float = 10.0) -> 
               f" hit ratio {ratio}, {cache['evictions']} evictions  ({cache['dir']})")
         print(f"  reads     {reads['bytes_fetched'] / 2**20:,.1f} MiB fetched in {reads['fetches']} requests"
               f" ({reads['prefetches']} prefetches), {reads['hit_bytes'] / 2**20:,.1f} MiB served from cache")
+        conn = st.get("connectivity") or {}
+        if conn.get("state") == "offline":
+            print(f"  OFFLINE   since {conn.get('since')}: {conn.get('serving')}")
         health = st.get("backend_health")
         if health:
             print(f"  backend   {health['state']}, {health['retries']} retries, {health['failed_operations']} failed,"
@@ -268,7 +271,16 @@ def _status(mountpoints: list[str], *, as_json: bool, timeout: float = 10.0) -> 
             for entry in uploads["pending_paths"][:20]:
                 print(f"    pending {entry['path']} ({entry['size']} bytes)")
             for entry in uploads["failed_paths"][:20]:
-                print(f"    FAILING {entry['path']}: {entry['error']} (attempt {entry['attempts']})")
+                state = "PARKED " if entry.get("parked") else "FAILING"
+                print(f"    {state} {json.dumps(entry['path'])}: {entry['error']} (attempt {entry['attempts']})")
+        queue = st.get("namespace_queue") or {}
+        if queue.get("queued") or queue.get("not_applied"):
+            print(f"  queued    {queue['queued']} namespace change(s) waiting for the backend"
+                  + (f" (last error: {queue['last_error']})" if queue.get("last_error") else ""))
+            for change in queue.get("changes", [])[:20]:
+                print(f"    {change['kind']} {json.dumps(change['path'])}")
+            for change in queue.get("not_applied", [])[-5:]:
+                print(f"    NOT APPLIED {change['kind']} {json.dumps(change['path'])}: {change['detail']}")
         for error in st["recent_errors"][-5:]:
             print(f"  error     {error['time']} {error['op']} {error['target']}: {error['errno']} {error['error']}")
     return code

@@ -137,6 +137,8 @@ class MountOptions:
     breaker_threshold: int = 10
     breaker_cooldown: float | None = None
     write_back_delay: float = 5.0
+    upload_concurrency: int = 8
+    part_concurrency: int = 8
     drain_timeout: float = 300.0
     conflict: str = "keep-both"
     concat_dir: str | None = ".concat"
@@ -509,6 +511,11 @@ _FIELDS: dict[str, _Field] = {
                "half the request timeout, 1 to 5", minimum=0.01),
         _Field("write_back_delay", _conv_duration, "DUR",
                "seconds a written file stays unchanged before it is uploaded", "5"),
+        _Field("upload_concurrency", _conv_int, "N",
+               "most files uploading at once", "8", minimum=1, maximum=1024),
+        _Field("part_concurrency", _conv_int, "N",
+               "most multipart parts in flight at once, mount-wide (each holds one part, 8 MiB, in memory)",
+               "8", minimum=1, maximum=256),
         _Field("drain_timeout", _conv_duration, "DUR",
                "seconds to wait for pending uploads when unmounting", "300"),
         _Field("conflict", _conv_conflict, "POLICY",

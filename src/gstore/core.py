@@ -32,6 +32,7 @@ from gstore.vfs.filesystem import FileSystem
 from gstore.vfs.metadata import MetadataCache
 from gstore.vfs.mtimes import MtimeStore
 from gstore.virtual import VirtualNames
+from gstore.write.namespace_queue import NamespaceQueue
 from gstore.write.pending import PendingFiles
 from gstore.write.staging import StagingArea
 from gstore.write.uploader import ConflictPolicy
@@ -98,7 +99,9 @@ def build_core(backend: Backend, state_dir: Path, options: MountOptions) -> Moun
     if staging is not None:
         pending = PendingFiles(backend, staging, reader, delay=options.write_back_delay,
                                policy=ConflictPolicy(options.conflict), reserve_space=store.reserve,
-                               fsync_patience=options.request_timeout)
+                               fsync_patience=options.request_timeout,
+                               concurrency=options.upload_concurrency, part_concurrency=options.part_concurrency,
+                               namespace=NamespaceQueue(backend, state_dir / "namespace-queue.json"))
     fs = FileSystem(backend, metadata, reader, attr_ttl=options.attr_ttl, pending=pending,
                     virtual_names=VirtualNames(options.concat_dir, options.diff_dir, options.versions_dir,
                                                options.zip_dir))

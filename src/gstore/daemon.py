@@ -272,6 +272,7 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
     from gstore.status import build_status
     from gstore.vfs.control import ControlFiles, flush_report
     from gstore.vfs.refresh import Refresher
+    from gstore.vfs.server_copy import ServerCopier
 
     started = time.time()
     log_target = str(log_file_of(request, state_dir) or ("journal" if stderr_is_journal() else "stderr"))
@@ -284,7 +285,8 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
         },
         flush=fs.flush_paths,
         flush_report=lambda flush_request: flush_report(writeback, flush_request),
-        refresh=Refresher(fs, _KernelCache()),
+        refresh=(refresher := Refresher(fs, _KernelCache())),
+        copy=ServerCopier(fs, refresher),
     )
     ops = Operations(
         fs,

@@ -32,6 +32,14 @@ _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENOT
                            errno.ENODATA, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL, errno.ENOTSUP})
 
 
+# The answer to a getxattr outside user.* (security.*, system.posix_acl_*,
+# trusted.*), names gstore never stores. `ls -l` (coreutils) asks every file for
+# security.selinux and system.posix_acl_access; ENOTSUP ("this file system has no
+# such attributes") makes it stop asking for the rest of the device, where ENODATA
+# cost a round trip per file and name. Only ENOSYS would stop the kernel itself,
+# and it would take user.md5 and friends with it.
+_FOREIGN_XATTR_ERRNO = errno.ENOTSUP
+
 # The last errors reported to programs, for `gstore status` (bounded).
 RECENT_ERRORS: deque[dict[str, object]] = deque(maxlen=50)
 
@@ -74,6 +82,9 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # No FUSE_POSIX_ACL: the kernel would cache "no ACL" per inode, but every
+    # readdirplus reply (each `ls -l`) drops that cache again, so it would still
+    # cost a getxattr per file and listing; see _FOREIGN_XATTR_ERRNO instead.
     enable_acl = False
 
     def __init__(
@@ -189,6 +200,14 @@ class Operations(pyfuse3.Operations):
                 log.debug("invalidate inode %d: %s", ino, exc)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        # The cache-hit path first: a lookup and a pread, no await (no task switch),
+        # no context manager. Anything else, errors included, takes the full path.
+        try:
+            data = self.fs.file_handle(fh).read_cached(off, size)
+        except Exception:  # noqa: BLE001 - read() below meets the same error and reports it
+            data = None
+        if data is not None:
+            return data
         with _errors("read", fh):
             return await self.fs.read(fh, off, size)
 
@@ -281,9 +300,9 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if self._xattr_errno:
             raise pyfuse3.FUSEError(self._xattr_errno)
+        if not name.startswith(b"user."):
+            raise pyfuse3.FUSEError(_FOREIGN_XATTR_ERRNO)
         text = self._xattr_name(name)
-        if not text.startswith("user."):
-            raise pyfuse3.FUSEError(errno.ENODATA)  # security.*, system.*: asked by ls -l, never stored
         with _errors("getxattr", text):
             return await self.fs.xattrs.get(self.fs.inode(inode), text)
 

@@ -70,8 +70,17 @@ def build_status(*, request: Any, state_dir: Any, fs: Any, store: Any, reader: A
         "inodes": len(fs.inodes),
         "open_files": fs.open_handle_count(),
         "uploads": uploads,
+        "namespace_queue": _namespace_queue(writeback),
         "recent_errors": list(recent_errors)[-20:],
     }
+
+
+def _namespace_queue(writeback: Any) -> dict[str, Any]:
+    """mkdir/rmdir/unlink/rename made while the backend could not be reached, not replayed yet."""
+    queue = getattr(writeback, "namespace", None) if writeback is not None else None
+    if queue is None:
+        return {"queued": 0, "changes": [], "applied": 0, "last_error": None, "not_applied": []}
+    return queue.snapshot()
 
 
 def _backend_health(fs: Any) -> dict[str, Any] | None:
@@ -91,7 +100,8 @@ def _connectivity(fs: Any, metadata: Any) -> dict[str, Any]:
     }
     if not online:
         result["serving"] = ("last known listings and attributes, however old; cached blocks; "
-                             "uncached reads and namespace changes fail with EIO; uploads stay queued")
+                             "uncached reads fail with EIO; changes are journaled and queued (uploads and namespace changes), "
+                             "replayed in order when the backend answers")
     return result
 
 

@@ -21,9 +21,14 @@ comparisons a mount answers cheaply:
   destination folder (``MNT/.gstore/flush``), so exit status 0 means every
   copied file is durable in the backend.
 
-Copies between two folders of the same mount are ordinary copies through the
-mount (read, then written and uploaded): there is no server-side copy path
-from a program to the daemon yet (docs/sync.md).
+Copies between two folders of the same mount are server-side copies: the
+sync asks the daemon through ``MNT/.gstore/copy`` and the storage copies the
+object (S3 CopyObject), so no byte passes through this host, the copy keeps
+the source's attributes, and it never replaces a destination that changed
+since it was looked at. A source (or destination) with local changes not
+uploaded yet, or a backend without server-side copies, gets an ordinary copy
+through the mount instead (``--no-server-copy`` always does that). The
+summary says how many files went server-side (docs/sync.md).
 
 Exit status: 0 when everything was copied (and is durable), 1 when anything
 failed (a copy, a delete, reading the source, the final flush), 2 for a usage
@@ -80,6 +85,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
                         "not be read completely)")
     parser.add_argument("-j", "--jobs", type=_positive, default=4, metavar="N",
                         help="files compared and copied at once (default: 4)")
+    parser.add_argument("--no-server-copy", dest="server_copy", action="store_false",
+                        help="between two folders of one mount, copy through the mount (read and upload) "
+                        "instead of asking the storage to copy")
     parser.add_argument("-q", "--quiet", action="store_true", help="no summary, only errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each file copied or deleted")
     return parser
@@ -97,7 +105,7 @@ def _positive(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     return sync(args.src, args.dst, skip_if=args.skip_if, dry_run=args.dry_run, delete=args.delete,
-                jobs=args.jobs, quiet=args.quiet, verbose=args.verbose)
+                jobs=args.jobs, quiet=args.quiet, verbose=args.verbose, server_copy=args.server_copy)
 
 
 # -- the trees ----------------------------------------------------------------------------------------
@@ -170,6 +178,11 @@ class Side:
     def path(self, rel: str) -> str:
         return os.path.join(self.root, rel) if rel else self.root
 
+    def mount_path(self, rel: str) -> str:
+        """``rel`` relative to the mount's root (only for a side on a mount)."""
+        assert self.mount_rel is not None
+        return "/".join(p for p in (self.mount_rel, rel) if p not in ("", "."))
+
     def md5(self, rel: str) -> str:
         path = self.path(rel)
         if self.mount is not None:
@@ -217,6 +230,8 @@ class Totals:
     deleted: int = 0
     failed: int = 0
     bytes_copied: int = 0
+    server_side: int = 0  # of ``copied``: copied by the storage (no byte through this host)
+    bytes_server_side: int = 0
     to_check: int = 0
     failures: list[str] = field(default_factory=list)
     notes: set[str] = field(default_factory=set)
@@ -309,7 +324,7 @@ def _size(n: int) -> str:
 
 
 def sync(src: str, dst: str, *, skip_if: str | None = None, dry_run: bool = False, delete: bool = False,
-         jobs: int = 4, quiet: bool = False, verbose: bool = False,
+         jobs: int = 4, quiet: bool = False, verbose: bool = False, server_copy: bool = True,
          progress: bool | None = None, out: Callable[[str], None] | None = None) -> int:
     """Run one sync; returns the exit status (0, 1 or 2). ``out`` prints a line of the report."""
     say = out or (lambda line: print(line, flush=True))
@@ -409,6 +424,8 @@ def sync(src: str, dst: str, *, skip_if: str | None = None, dry_run: bool = Fals
 
     items = sorted(src_tree.files.values(), key=lambda e: e.rel)
     totals.to_check = len(items)
+    on_server = ServerCopies(dest) if server_copy and source.mount is not None and source.mount == dest.mount \
+        else None
 
     def one(entry: Entry) -> None:
         target_rel = renamed.get(entry.rel, entry.rel)
@@ -417,8 +434,13 @@ def sync(src: str, dst: str, *, skip_if: str | None = None, dry_run: bool = Fals
             if target_rel in dst_tree.dirs:
                 raise IsADirectoryError(errno.EISDIR, "a folder is in the way of the file")
             copy = needs_copy(source, dest, entry, target_entry, skip_if)
+            server_side = False
             if copy and not dry_run:
-                copied = copy_file(source.path(entry.rel), dest.path(target_rel), entry, totals)
+                if on_server is not None:
+                    server_side = on_server.copy(source.mount_path(entry.rel), dest.mount_path(target_rel),
+                                                 target_entry is None)
+                copied = entry.size if server_side else \
+                    copy_file(source.path(entry.rel), dest.path(target_rel), entry, totals)
             else:
                 copied = entry.size if copy else 0
         except OSError as exc:
@@ -431,10 +453,14 @@ def sync(src: str, dst: str, *, skip_if: str | None = None, dry_run: bool = Fals
             if copy:
                 totals.copied += 1
                 totals.bytes_copied += copied
+                if server_side:
+                    totals.server_side += 1
+                    totals.bytes_server_side += copied
             else:
                 totals.skipped += 1
         if copy and (verbose or dry_run):
-            say(f"{'would copy' if dry_run else 'copied'} {target_rel} ({_size(entry.size)})")
+            how = ", server-side" if server_side else ""
+            say(f"{'would copy' if dry_run else 'copied'} {target_rel} ({_size(entry.size)}{how})")
 
     show_progress = sys.stderr.isatty() if progress is None else progress
     with Progress(totals, show_progress and not quiet):
@@ -457,7 +483,10 @@ def sync(src: str, dst: str, *, skip_if: str | None = None, dry_run: bool = Fals
     if not quiet:
         elapsed = time.monotonic() - started
         verb = "would copy" if dry_run else "copied"
-        say(f"gstore sync: {totals.checked} files checked: {totals.copied} {verb} ({_size(totals.bytes_copied)}), "
+        on_storage = (f"; {totals.server_side} server-side, {_size(totals.bytes_server_side)} not through this host"
+                      if totals.server_side else "")
+        say(f"gstore sync: {totals.checked} files checked: {totals.copied} {verb} ({_size(totals.bytes_copied)}"
+            f"{on_storage}), "
             f"{totals.skipped} up to date, {totals.deleted} {'would be ' if dry_run else ''}deleted, "
             f"{totals.failed} failed; {elapsed:.1f} s"
             + (f"; {len(ignored)} not regular files left out" if ignored else "")
@@ -502,6 +531,47 @@ def _delete_extraneous(dest: Side, src_tree: Tree, dst_tree: Tree, totals: Total
         totals.deleted += 1
         if verbose or dry_run:
             say(f"{'would delete' if dry_run else 'deleted'} {rel}/")
+
+
+class ServerCopies:
+    """Copies inside one mount, made by the storage: one request to ``MNT/.gstore/copy`` per file.
+
+    Shared by the worker threads; ``available`` only ever goes from True to False
+    (a daemon without the control file), so a stale read costs one failed open.
+    """
+
+    def __init__(self, side: Side) -> None:
+        assert side.mount is not None
+        self._control = os.path.join(side.mount, ".gstore", "copy")
+        self.available = True
+
+    def copy(self, source: str, target: str, target_missing: bool) -> bool:
+        """True when the storage copied ``source`` to ``target`` (mount-relative paths); False when
+        the caller must copy through the mount (pending local changes, no server-side copy);
+        OSError when the copy failed, or the target changed since it was looked at."""
+        if not self.available:
+            return False
+        request = f"{source}\0{target}" + ("\0absent" if target_missing else "")
+        try:
+            fd = os.open(self._control, os.O_RDWR)
+        except FileNotFoundError:
+            self.available = False  # a daemon from before .gstore/copy
+            return False
+        try:
+            os.write(fd, request.encode("utf-8", "surrogateescape"))
+            chunks, offset = [], 0
+            while chunk := os.pread(fd, 65536, offset):
+                chunks.append(chunk)
+                offset += len(chunk)
+        finally:
+            os.close(fd)
+        verdict = json.loads(b"".join(chunks) or b"{}")
+        if verdict.get("ok"):
+            return True
+        if verdict.get("fallback"):
+            return False
+        code = int(verdict.get("errno") or errno.EIO)
+        raise OSError(code, verdict.get("error") or os.strerror(code))
 
 
 def _flush(dest: Side, totals: Totals) -> bool:

@@ -12,6 +12,8 @@ import errno
 import logging
 import os
 import random
+import stat
+import time
 import traceback
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 import trio
 
 from gstore.vfs.inodes import ROOT_INODE
+from gstore.write.staging import StagingArea
 
 from .conftest import SlowMetadataBackend, open_core
 from .model import pattern
@@ -403,6 +406,123 @@ async def test_reader_sees_writes_to_its_file_after_the_name_is_unlinked(tmp_pat
         await k.close(reader)
         await assert_no_drain_failures(h)
         assert h.backend_files() == {}
+
+
+@pytest.mark.parametrize("when", ["during", "after"])
+@pytest.mark.parametrize("how", ["open-trunc", "truncate-path"])
+async def test_truncate_while_the_closed_file_is_being_uploaded_is_kept(
+        tmp_path: Path, backend: str, how: str, when: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed file is being uploaded; open(O_TRUNC) (or truncate(2)) of it runs meanwhile and
+    the upload of the old content is confirmed afterwards: the truncation wins, live and in the
+    backend; that upload must not retire the file (found by the model test: the mount showed
+    the uploaded 4,227 bytes after open(O_TRUNC), and the truncation was never uploaded)."""
+    sending, release = trio.Event(), trio.Event()
+
+    class GatedBackend:
+        """PUTs wait for ``release`` (the first one says it is on its way)."""
+
+        def __init__(self, inner):  # type: ignore[no-untyped-def]
+            self._inner = inner
+            self.display, self.cache_namespace = inner.display, inner.cache_namespace
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            attr = getattr(self._inner, name)
+            if name not in ("put_bytes", "put_local_file"):
+                return attr
+
+            async def gated(*args, **kwargs):  # type: ignore[no-untyped-def]
+                sending.set()
+                await release.wait()
+                return await attr(*args, **kwargs)
+            return gated
+
+    async with open_core(tmp_path, backend=backend, wrap_backend=GatedBackend, write_back_delay=0.01) as h:
+        k = h.kernel
+        await k.write_file("f", pattern("old", 4227))
+        await k.released()
+        with trio.fail_after(10):
+            await sending.wait()  # the upload of the 4,227 bytes is under way
+        if when == "during":
+            # The upload is confirmed while the truncation is being done (where that work
+            # may let other tasks run, they run now).
+            original = StagingArea.truncate
+
+            def confirm_meanwhile(staged, size):  # type: ignore[no-untyped-def]
+                try:
+                    trio.from_thread.run_sync(release.set)
+                    time.sleep(0.3)  # in a worker thread: the trio tasks (the upload) go on
+                except RuntimeError:  # on the trio thread itself: nothing else can run now
+                    release.set()
+                original(staged, size)
+
+            monkeypatch.setattr(StagingArea, "truncate", staticmethod(confirm_meanwhile))
+        if how == "open-trunc":
+            fd = await k.open("f", os.O_WRONLY | os.O_TRUNC)
+            assert (await k.fstat(fd)).size == 0
+            release.set()
+            await trio.sleep(0.2)  # the old upload is confirmed while the file is open
+            await k.close(fd)
+        else:
+            await k.truncate("f", 0)
+            release.set()
+            await trio.sleep(0.2)  # the old upload is confirmed after the truncation
+        monkeypatch.undo()
+        assert (await k.stat("f")).size == 0
+        await assert_no_drain_failures(h)
+        assert h.backend_files() == {"f": b""}
+        assert await k.read_file("f") == b""
+
+
+async def test_shrinking_back_to_the_first_size_after_an_fsync_uploads_the_bytes(tmp_path: Path, backend: str) -> None:
+    """An empty file grows, is fsynced (uploaded), shrinks back to empty and is fsynced again
+    while still open: the second fsync must upload, not take "same size as when opened, no
+    dirty bytes" for an attribute-only change against the version it opened (found by the
+    model test: fsync gave EIO, "b changed on the backend")."""
+    async with open_core(tmp_path, backend=backend, seed_files={"b": b""}) as h:
+        k = h.kernel
+        fd = await k.open("b", RDWR)
+        await k.ftruncate(fd, 2998)
+        await k.fsync(fd)
+        assert h.backend_files()["b"] == bytes(2998)
+        await k.ftruncate(fd, 0)
+        await k.fsync(fd)
+        assert h.backend_files()["b"] == b""
+        await k.close(fd)
+        await assert_no_drain_failures(h)
+        assert await k.read_file("b") == b""
+
+
+@pytest.mark.parametrize("change", ["truncate", "write", "chmod"])
+async def test_reader_opened_before_a_change_reads_the_new_bytes_after_the_upload(
+        tmp_path: Path, backend: str, change: str) -> None:
+    """POSIX: a descriptor opened before another one (or truncate(2) by name) changes the file
+    reads the changed file, also once the change has been uploaded; never the version it
+    opened (found by the model test, shrunk: open r, truncate, drain, pread)."""
+    old = pattern("old", 10_252)
+    async with open_core(tmp_path, backend=backend, seed_files={"sub/c": old}) as h:
+        k = h.kernel
+        reader = await k.open("sub/c", RDONLY)
+        assert await k.pread(reader, 100, 0) == old[:100]
+        if change == "truncate":
+            await k.truncate("sub/c", 9099)
+            expected = old[:9099]
+        elif change == "write":
+            writer = await k.open("sub/c", RDWR)
+            await k.pwrite(writer, b"EDIT", 9000)
+            await k.close(writer)
+            expected = old[:9000] + b"EDIT" + old[9004:]
+        else:
+            ino = (await k.stat("sub/c")).ino
+            await h.fs.setattr(ino, mode=stat.S_IFREG | 0o600)  # chmod: the kernel adds the type bits
+            expected = old
+        await assert_no_drain_failures(h)
+        assert await k.pread(reader, 5477, 9000) == expected[9000:9000 + 5477]
+        assert await k.pread(reader, 20_000, 0) == expected
+        assert (await k.fstat(reader)).size == len(expected)
+        await k.close(reader)
+        await assert_no_drain_failures(h)
+        assert h.backend_files() == {"sub/c": expected}
+        assert await k.read_file("sub/c") == expected
 
 
 @pytest.mark.parametrize("source_open", [False, True], ids=["source-closed", "source-open-for-writing"])

@@ -4,7 +4,8 @@ What each test shows (docs/reliability.md, "Offline"):
 
 * during an outage longer than every TTL, known folders still list, cached
   files still read (the right bytes), names missing from a known listing are
-  "not found", a new file can be created in a known folder; status.json says
+  "not found", a new file can be created in a known folder, mkdir, rm and >> are
+  queued and shown at once; status.json says
   offline (since when), the log says it once; after the outage the new file is
   in the bucket and the normal TTLs apply again;
 * three lookups against a backend that accepts connections and never answers
@@ -178,9 +179,16 @@ def test_outage_longer_than_the_ttls_serves_known_metadata_and_cached_blocks(s3,
     with pytest.raises(OSError) as info:  # a folder never listed: nothing is known, EIO (never ENOENT)
         os.stat(m.path / "dir" / "sub" / "deep.txt")
     assert info.value.errno == errno.EIO
-    with pytest.raises(OSError) as info:  # namespace changes are not queued (docs/reliability.md)
-        os.mkdir(m.path / "dir" / "newdir")
-    assert info.value.errno == errno.EIO
+    # Namespace changes and appends are queued (journaled), shown at once, replayed later.
+    os.mkdir(m.path / "dir" / "newdir")
+    (m.path / "dir" / "newdir" / "inner.txt").write_bytes(b"inner\n")
+    os.unlink(m.path / "top.txt")
+    with open(m.path / "dir" / "cached.bin", "ab") as f:  # >> to a fully cached file
+        f.write(b"appended offline")
+    assert sorted(os.listdir(m.path)) == ["dir"]
+    assert sorted(os.listdir(m.path / "dir" / "newdir")) == ["inner.txt"]
+    assert read_uncached(m.path / "dir" / "cached.bin") == cached + b"appended offline"
+    assert status(m.path)["namespace_queue"]["queued"] >= 2
 
     # A new file in a known folder: staged locally, visible, queued.
     created = payload(3, 200 * KiB)
@@ -196,6 +204,12 @@ def test_outage_longer_than_the_ttls_serves_known_metadata_and_cached_blocks(s3,
     wait_for(lambda: not offline(m), 20, "the mount to be online again")
     wait_for(lambda: s3_has(s3, "dir/new.bin", created), 30, "the new file in the bucket")
     wait_for(lambda: status(m.path)["uploads"]["pending"] == 0, 15, "the queue to empty")
+    wait_for(lambda: status(m.path)["namespace_queue"]["queued"] == 0, 15, "the namespace queue to empty")
+    assert s3_has(s3, "dir/newdir/inner.txt", b"inner\n")
+    assert s3_has(s3, "dir/cached.bin", cached + b"appended offline")
+    assert not s3_has(s3, "top.txt", b"top\n")
+    assert sorted(os.listdir(m.path)) == ["dir"]
+    cached += b"appended offline"
     log = m.log()
     assert log.count("backend unreachable") == 1, log  # one line per change of state
     assert log.count("backend reachable again") == 1, log

@@ -53,7 +53,7 @@ def test_storage_backend_is_the_union_of_the_parts() -> None:
     assert set(MEMBERS) == {
         "display", "cache_namespace", "capabilities", "cache_key", "probe", "stat", "head", "list_dir",
         "walk", "read_range", "aclose",
-        "put_bytes", "put_local_file", "delete", "copy", "make_dir", "remove_dir_marker",
+        "put_bytes", "put_local_file", "delete", "copy", "copy_object", "make_dir", "remove_dir_marker",
         "min_copy_part", "part_size", "start_multipart", "upload_part", "copy_part", "complete_multipart",
         "abort_multipart",
         "list_versions", "set_content_type", "add_listener", "health", "key_bytes", "update_metadata", "head_folder",
@@ -326,6 +326,9 @@ class Recorder:
     async def copy(self, source_path: str, target_path: str, source: ObjectInfo) -> None:
         self._hit("copy", (source_path, target_path, source), {}, None)
 
+    async def copy_object(self, source_path: str, target_path: str, source: Any, **kwargs: Any) -> ObjectInfo:
+        return self._hit("copy_object", (source_path, target_path, source), kwargs, INFO)
+
     async def make_dir(self, path: str, **kwargs: Any) -> None:
         self._hit("make_dir", (path,), kwargs, None)
 
@@ -384,6 +387,8 @@ FORWARDED: dict[str, tuple[Callable[[Any], Any], tuple[Any, ...], dict[str, Any]
     "put_local_file": (lambda b: b.put_local_file("p", "/l"), ("p", "/l"), {}, "once"),
     "delete": (lambda b: b.delete("p"), ("p",), {}, "once"),
     "copy": (lambda b: b.copy("p", "q", INFO), ("p", "q", INFO), {}, "once"),
+    "copy_object": (lambda b: b.copy_object("p", "q", INFO, if_none_match=True), ("p", "q", INFO),
+                    {"mtime": None, "if_match": None, "if_none_match": True}, "once"),
     "make_dir": (lambda b: b.make_dir("p"), ("p",), {}, "once"),
     "remove_dir_marker": (lambda b: b.remove_dir_marker("p"), ("p",), {}, "once"),
     "start_multipart": (lambda b: b.start_multipart("p", content_type="t/x"), ("p",),

@@ -9,8 +9,8 @@ The vocabulary is split by what the callers use it for:
 
 * :class:`ReadingBackend`: probe, stat, head, list_dir, walk, read_range,
   cache_key, aclose (plus ``display``, ``cache_namespace``, ``capabilities``);
-* :class:`WritingBackend`: put_bytes, put_local_file, delete, copy, make_dir,
-  remove_dir_marker;
+* :class:`WritingBackend`: put_bytes, put_local_file, delete, copy, copy_object,
+  make_dir, remove_dir_marker;
 * :class:`MultipartBackend`: part_size, min_copy_part, start_multipart,
   upload_part, copy_part, complete_multipart, abort_multipart;
 * :class:`VersionsBackend`: list_versions (the ``.versions`` view);
@@ -303,6 +303,31 @@ class WritingBackend(Protocol):
 
     async def copy(self, source_path: str, target_path: str, source: ObjectInfo) -> None:
         """Copy the version ``source`` of ``source_path`` to ``target_path``."""
+
+    async def copy_object(
+        self,
+        source_path: str,
+        target_path: str,
+        source: ObjectInfo | None,
+        *,
+        mtime: float | None = None,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> ObjectInfo:
+        """Copy one object without its bytes passing through this process; returns the
+        copy's info (its ETag). With ``capabilities.server_copy`` the storage copies it
+        and keeps what is described below; other backends use their own copy call
+        (fsspec ``copy``), which keeps no ``mtime``.
+
+        The copy keeps the source's Content-Type and user metadata (its POSIX
+        attributes); when the source stores no modification time, the copy gets
+        ``mtime`` (None: the source's LastModified), so it shows the source's time
+        and not the time of the copy. ``source`` pins the version copied (a
+        different current version raises ``ESTALE``); None copies the current one.
+        ``if_match``/``if_none_match`` make it conditional on the *target*, as for
+        ``put_bytes`` (a failed precondition raises ``ESTALE``).
+        """
+        ...
 
     async def make_dir(self, path: str, *, metadata: Mapping[str, str] | None = None) -> None:
         """Create directory ``path`` (on object stores: a ``path/`` marker object, carrying

@@ -226,6 +226,30 @@ class FsspecBackend(NoHealth):
     async def copy(self, source_path: str, target_path: str, source: ObjectInfo) -> None:
         await self._do("copy", self._full(source_path), self._full(target_path))
 
+    async def copy_object(
+        self,
+        source_path: str,
+        target_path: str,
+        source: ObjectInfo | None,
+        *,
+        mtime: float | None = None,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> ObjectInfo:
+        """fsspec's ``copy`` (done by the filesystem, or by this process for local ones).
+
+        No preconditions (refused, never dropped) and nowhere to keep ``mtime``: the
+        copy shows the time it was made. That is why ``server_copy`` stays false
+        here and ``.gstore/copy`` copies through the mount instead."""
+        self.capabilities.require_preconditions(
+            f"copy to {target_path}", self.display, if_match=if_match, if_none_match=if_none_match)
+        if source is not None and source.etag:
+            current = await self.stat(source_path)
+            if current.etag != source.etag:
+                raise BackendError(errno.ESTALE, f"{source_path} changed on the backend")
+        await self._do("copy", self._full(source_path), self._full(target_path))
+        return await self.stat(target_path)
+
     async def delete(self, path: str) -> None:
         await self._do("rm_file", self._full(path))
 

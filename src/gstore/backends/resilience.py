@@ -421,6 +421,16 @@ class ResilientBackend:
     async def copy(self, source_path: str, target_path: str, source: ObjectInfo) -> None:
         await self._once("copy", self._inner.copy, (source_path, target_path, source), {})
 
+    async def copy_object(self, source_path: str, target_path: str, source: ObjectInfo | None, *,
+                          mtime: float | None = None, if_match: str | None = None,
+                          if_none_match: bool = False) -> ObjectInfo:
+        self.capabilities.require_preconditions(
+            f"copy to {target_path}", self.display, if_match=if_match, if_none_match=if_none_match)
+        result: ObjectInfo = await self._once(
+            "copy_object", self._inner.copy_object, (source_path, target_path, source),
+            {"mtime": mtime, "if_match": if_match, "if_none_match": if_none_match})
+        return result
+
     async def make_dir(self, path: str, *, metadata: Mapping[str, str] | None = None) -> None:
         await self._once("make_dir", self._inner.make_dir, (path,), {"metadata": metadata} if metadata else {})
 

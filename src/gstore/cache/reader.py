@@ -9,7 +9,13 @@ other's sequential detection. Sequential streams get a readahead window that
 doubles each time the reader enters a new block, up to ``readahead`` bytes;
 prefetches run in a mount-wide nursery and are never cancelled by a seek, so a
 program that reads the head, jumps to the tail and comes back (ffprobe) keeps
-what was already fetched. Random reads fetch only the blocks they touch.
+what was already fetched. Random reads fetch only the blocks they touch, until
+they turn out dense: once one handle has missed ``max(DENSE_MIN_MISSES,
+blocks / DENSE_FRACTION)`` distinct blocks of an object that fits in a quarter
+of the cache (fio, a database scanning its file), the rest of the object is
+fetched in the background, DENSE_PARALLEL blocks at a time, in the prefetch
+slots: one GET stream per block is then cheaper than a miss, and a wait, per
+block.
 
 Offline (the backend's circuit open), cached blocks are served as always: a
 block's key is the object's identity (VersionId, ETag, size), so what is
@@ -36,6 +42,15 @@ from gstore.errors import BackendError, is_transient
 log = logging.getLogger(__name__)
 
 FAILURE_MEMORY = 0.5  # seconds a block whose fetch failed for good fails at once
+DENSE_MIN_MISSES = 8  # random misses of one handle before its object may count as dense
+DENSE_FRACTION = 8  # ... and at least this fraction (1/N) of the object's blocks
+DENSE_PARALLEL = 4  # GETs one background fill has in flight (within the prefetch slots)
+# Bytes one readahead GET asks for: consecutive blocks of a sequential stream go in
+# one ranged GET, split into blocks as it lands. Each request costs a fixed amount
+# of CPU (signing, a connection, a wake-up of the trio thread), so fewer, larger
+# GETs keep a cold stream at the wire; the prefetch slots shrink in proportion, so
+# the bytes in flight (the memory bound) stay what they were with one block each.
+FETCH_RUN = 16 * 1024 * 1024
 
 
 def object_cache_key(backend_key: str, identity: str) -> str:
@@ -55,6 +70,7 @@ class ReadStream:
     last_block: int = -1
     prefetched_to: int = -1  # highest block index already scheduled for prefetch
     sequential_hits: int = 0
+    random_misses: int = 0  # blocks fetched on demand outside a sequential run
 
 
 @dataclass
@@ -65,12 +81,13 @@ class ReaderStats:
     hit_bytes: int = 0
     miss_bytes: int = 0
     fetch_errors: int = 0
+    dense_fills: int = 0  # objects fetched whole in the background after dense random reads
 
 
 @dataclass
 class _Fetch:
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
+    data: bytes | memoryview | None = None  # a block of a run: a view of the run's bytes
     error: BaseException | None = None
 
 
@@ -91,15 +108,21 @@ class BlockReader:
         self.block_size = block_size
         self._max_window = max(0, readahead // block_size)
         self._fetch_limiter = trio.CapacityLimiter(max(1, fetch_concurrency))
+        self._run_blocks = max(1, FETCH_RUN // block_size)
         # Prefetch may use at most this many of the fetch slots, so demand reads
-        # of another program are never stuck behind someone's readahead.
-        self._prefetch_limiter = trio.CapacityLimiter(max(1, fetch_concurrency * 3 // 4))
+        # of another program are never stuck behind someone's readahead; each slot
+        # carries a run of up to _run_blocks blocks.
+        self._prefetch_limiter = trio.CapacityLimiter(
+            max(2, fetch_concurrency * 3 // 4 // self._run_blocks) if self._run_blocks > 1
+            else max(1, fetch_concurrency * 3 // 4))
         self._inflight: dict[tuple[str, int], _Fetch] = {}
         # Blocks whose fetch just failed for good (retries spent): the kernel retries a
         # failed read at once with a smaller request, which must not cost a second
         # --request-timeout. (key, index) -> (error, trio time until which it stands).
         self._recent_failures: dict[tuple[str, int], tuple[OSError, float]] = {}
         self._nursery: trio.Nursery | None = None
+        # Objects (cache keys) being fetched whole in the background: one fill each.
+        self._filling: set[str] = set()
         self.stats = ReaderStats()
 
     def attach(self, nursery: trio.Nursery) -> None:
@@ -111,6 +134,46 @@ class BlockReader:
         return ReadStream(path=path, info=info, cache_key=key)
 
     # -- reads ---------------------------------------------------------------------
+
+    def read_cached(self, stream: ReadStream, offset: int, size: int) -> bytes | None:
+        """The bytes if every block they touch is in the store, else None (and nothing recorded).
+
+        The cache-hit path, called by the FUSE adapter before anything async: an
+        index lookup and one ``pread`` per block on an fd the store keeps open; no
+        ``await``, so no task switch, and no allocation but the reply (one block:
+        the pread's own bytes object). A None costs nothing but the lookups: the
+        caller then awaits :meth:`read`, which records the access once.
+        """
+        info = stream.info
+        total = info.size
+        if offset >= total or size <= 0:
+            return None  # EOF and the like: the slow path answers them
+        end = min(total, offset + size)
+        bs = self.block_size
+        first, last = offset // bs, (end - 1) // bs
+        store = self._store
+        key = stream.cache_key
+        if first == last:
+            start = first * bs
+            data = store.read(key, first, offset - start, end - offset, min(bs, total - start), count_miss=False)
+            if data is None:
+                return None
+        else:
+            for index in range(first, last + 1):
+                if not store.contains(key, index):
+                    return None
+            pieces: list[bytes] = []
+            for index in range(first, last + 1):
+                start = index * bs
+                piece = store.read(key, index, max(offset, start) - start, min(end, start + bs) - max(offset, start),
+                                   min(bs, total - start))
+                if piece is None:
+                    return None  # gone since contains(): the slow path fetches it
+                pieces.append(piece)
+            data = b"".join(pieces)
+        self.stats.hit_bytes += len(data)
+        self._track_pattern(stream, offset, end, first, last)
+        return data
 
     async def read(self, stream: ReadStream, offset: int, size: int) -> bytes:
         total = stream.info.size
@@ -136,8 +199,11 @@ class BlockReader:
             self.stats.hit_bytes += len(data)
             return data
         self.stats.miss_bytes += hi - lo
+        if stream.window == 0:
+            stream.random_misses += 1
+            self._maybe_fill(stream)
         block = await self._fetch(stream, index)
-        return block[lo:hi]
+        return bytes(block[lo:hi])  # a block of a run is a memoryview of the run's bytes
 
     def _block_len(self, info: ObjectInfo, index: int) -> int:
         start = index * self.block_size
@@ -145,7 +211,7 @@ class BlockReader:
 
     # -- fetching ------------------------------------------------------------------
 
-    async def _fetch(self, stream: ReadStream, index: int) -> bytes:
+    async def _fetch(self, stream: ReadStream, index: int) -> bytes | memoryview:
         """The block's bytes, fetched once however many readers want them."""
         key = (stream.cache_key, index)
         failed = self._recent_failures.get(key)
@@ -229,22 +295,132 @@ class BlockReader:
         final_block = (stream.info.size - 1) // self.block_size
         target = min(final_block, last + stream.window)
         start = max(last + 1, stream.prefetched_to + 1)
-        for index in range(start, target + 1):
-            if self._store.contains(stream.cache_key, index) or (stream.cache_key, index) in self._inflight:
-                continue
-            self.stats.prefetches += 1
-            self._nursery.start_soon(self._prefetch_one, stream, index)
+        if target < final_block and target - start + 1 < min(self._run_blocks, stream.window):
+            return  # wait until a whole run is due: one GET per run, not one per block
+        for first, run_last in self._runs(stream, start, target):
+            self.stats.prefetches += run_last - first + 1
+            self._nursery.start_soon(self._prefetch_run, stream, first, run_last)
         stream.prefetched_to = max(stream.prefetched_to, target)
 
-    async def _prefetch_one(self, stream: ReadStream, index: int) -> None:
+    def _missing(self, stream: ReadStream, index: int) -> bool:
+        return not self._store.contains(stream.cache_key, index) and (stream.cache_key, index) not in self._inflight
+
+    def _runs(self, stream: ReadStream, first: int, last: int) -> list[tuple[int, int]]:
+        """Missing blocks of [first, last] as runs of consecutive blocks, each one GET."""
+        runs: list[tuple[int, int]] = []
+        for index in range(first, last + 1):
+            if not self._missing(stream, index):
+                continue
+            if runs and runs[-1][1] == index - 1 and index - runs[-1][0] < self._run_blocks:
+                runs[-1] = (runs[-1][0], index)
+            else:
+                runs.append((index, index))
+        return runs
+
+    async def _prefetch_run(self, stream: ReadStream, first: int, last: int) -> None:
         # The prefetch takes its slot *before* it registers as in flight, so a
         # demand read of a block still waiting for a slot fetches it itself
         # instead of queueing behind every other prefetch.
         async with self._prefetch_limiter:
-            if self._store.contains(stream.cache_key, index) or (stream.cache_key, index) in self._inflight:
-                return
-            try:
-                await self._fetch(stream, index)
-            except Exception as exc:  # noqa: BLE001 - a demand read will retry and report
+            while True:
+                # What is still missing *now*: no await between this look and the
+                # registration at the top of _fetch_run.
+                runs = self._runs(stream, first, last)
+                if not runs:
+                    return
+                run_first, run_last = runs[0]
+                first = run_last + 1
+                try:
+                    await self._fetch_run(stream, run_first, run_last)
+                except Exception as exc:  # noqa: BLE001 - a demand read will retry and report
+                    self.stats.fetch_errors += 1
+                    log.debug("prefetch of blocks %d-%d of %s failed: %s", run_first, run_last, stream.path, exc)
+
+    async def _fetch_run(self, stream: ReadStream, first: int, last: int) -> None:
+        """Blocks first..last with one ranged GET, each in flight (demand reads wait for it)
+        from the start and released to its waiters as soon as it is in the store.
+
+        Trio tasks interleave at every await: the blocks are registered in
+        ``_inflight`` before the first one, and each entry is removed only by
+        this task and only while it is still this task's job.
+        """
+        key = stream.cache_key
+        jobs = {index: _Fetch() for index in range(first, last + 1)}
+        for index, job in jobs.items():
+            self._inflight[(key, index)] = job
+        start = first * self.block_size
+        end = start + sum(self._block_len(stream.info, index) for index in jobs)
+        try:
+            async with self._fetch_limiter:
+                data = await self._backend.read_range(stream.path, start, end, stream.info)
+            if len(data) != end - start:
                 self.stats.fetch_errors += 1
-                log.debug("prefetch of block %d of %s failed: %s", index, stream.path, exc)
+                raise BackendError(errno.EIO, f"short read of blocks {first}-{last} of {stream.path}: "
+                                   f"{len(data)} of {end - start} bytes", transient=True)
+            self.stats.fetches += 1
+            self.stats.bytes_fetched += len(data)
+            view = memoryview(data)
+            for index, job in jobs.items():
+                lo = (index - first) * self.block_size
+                piece = view[lo:lo + self._block_len(stream.info, index)]
+                try:
+                    await trio.to_thread.run_sync(self._store.put, key, index, piece)
+                except OSError as exc:
+                    log.warning("could not cache block %d of %s: %s", index, stream.path, exc)
+                job.data = piece
+                self._finish(key, index, job)
+        except BaseException as exc:
+            for index, job in jobs.items():
+                if not job.done.is_set():
+                    job.error = exc
+                    if isinstance(exc, OSError) and is_transient(exc):
+                        self._remember_failure((key, index), exc)
+            raise
+        finally:
+            for index, job in jobs.items():
+                if not job.done.is_set():
+                    self._finish(key, index, job)
+
+    def _finish(self, key: str, index: int, job: _Fetch) -> None:
+        if self._inflight.get((key, index)) is job:
+            del self._inflight[(key, index)]
+        job.done.set()
+
+    # -- dense random reads: the rest of the object in the background ----------------
+
+    def _maybe_fill(self, stream: ReadStream) -> None:
+        if self._nursery is None or self._max_window == 0 or stream.cache_key in self._filling:
+            return
+        size = stream.info.size
+        blocks = (size + self.block_size - 1) // self.block_size
+        if stream.random_misses < max(DENSE_MIN_MISSES, blocks // DENSE_FRACTION):
+            return
+        if size > self._store.capacity // 4:
+            return  # fetching it whole would push most of the cache out
+        self._filling.add(stream.cache_key)
+        self.stats.dense_fills += 1
+        log.debug("%s: dense random reads (%d blocks missed), fetching the other %d blocks in the background",
+                  stream.path, stream.random_misses, blocks)
+        self._nursery.start_soon(self._fill, stream)
+
+    async def _fill(self, stream: ReadStream) -> None:
+        """Fetch every block of the object not cached yet, DENSE_PARALLEL runs at a time."""
+        slots = trio.Semaphore(DENSE_PARALLEL)
+
+        async def one(first: int, last: int) -> None:
+            try:
+                await self._prefetch_run(stream, first, last)
+            finally:
+                slots.release()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                final_block = (stream.info.size - 1) // self.block_size
+                for first in range(0, final_block + 1, self._run_blocks):
+                    last = min(final_block, first + self._run_blocks - 1)
+                    if not any(self._missing(stream, index) for index in range(first, last + 1)):
+                        continue
+                    await slots.acquire()
+                    nursery.start_soon(one, first, last)
+        finally:
+            self._filling.discard(stream.cache_key)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import stat
 import time
 
 import cachetools
 
-from gstore.backends.base import ObjectInfo, StorageBackend
+from gstore.backends.base import Listing, ObjectInfo, StorageBackend
 from gstore.cache.reader import BlockReader, ReadStream
 from gstore.vfs.inodes import InodeTable, parent_path
 from gstore.vfs.metadata import MetadataCache
@@ -119,6 +120,19 @@ class MountContent:
         staged = self.staged(path)
         if staged is not None:
             return staged.info()
+        queued = self.pending.namespace if self.pending is not None else None
+        if queued is not None and len(queued):
+            effect = queued.effect(path)
+            if effect == "absent":
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+            if effect == "dir":
+                try:
+                    info = await self.metadata.stat(path)
+                except (FileNotFoundError, OSError):
+                    info = None
+                if info is None or not info.is_dir:
+                    info = ObjectInfo(name=path.rsplit("/", 1)[-1], is_dir=True)
+                return self.decorate(path, info)
         return self.decorate(path, await self.metadata.stat(path))
 
     async def exists(self, path: str) -> bool:
@@ -130,8 +144,19 @@ class MountContent:
 
     async def list_dir(self, path: str) -> dict[str, ObjectInfo]:
         """The folder's children: the backend listing with pending writes laid over it."""
-        listing = await self.metadata.list_dir(path)
-        entries = listing.entries if self.pending is None else self.pending.overlay(path, listing.entries)
+        queued = self.pending.namespace if self.pending is not None else None
+        if queued is not None and queued.effect(path) == "dir":
+            try:  # made by this mount while the backend was unreachable: maybe unknown there yet
+                listing = await self.metadata.list_dir(path)
+            except OSError:
+                listing = Listing()
+        else:
+            listing = await self.metadata.list_dir(path)
+        entries = listing.entries
+        if queued is not None and len(queued):
+            entries = queued.overlay(path, entries)
+        if self.pending is not None:
+            entries = self.pending.overlay(path, entries)
         if self._folders:
             prefix = f"{path}/" if path else ""
             entries = {name: self.decorate(prefix + name, info) if info.is_dir else info

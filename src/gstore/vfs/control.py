@@ -24,6 +24,12 @@ the mount can ask it.
   verdict, ``{"ok": true, "refreshed": [...], "errors": []}``) or, if it never
   is, when it is closed: ``echo dir/file > MNT/.gstore/refresh`` is done when
   ``echo`` returns.
+* ``.gstore/copy``: ``SRC\0DST`` written to it (mount-relative paths;
+  optionally ``\0absent`` or ``\0etag:ETAG``: what DST must still be) copies
+  one object on the storage, never through the reader's host, when SRC has no
+  pending local changes; the content is a JSON verdict (:mod:`.server_copy`),
+  ``{"ok": false, "fallback": true, ...}`` when the caller should copy through
+  the mount instead. Run when read, or at close if never read.
 
 ``.gstore`` is never listed by readdir and shadows a backend object of that
 name at the root of the mount (docs/semantics.md).
@@ -44,9 +50,10 @@ CONTROL_DIR = ".gstore"
 STATUS_FILE = "status.json"
 FLUSH_FILE = "flush"
 REFRESH_FILE = "refresh"
-CONTROL_FILES = (STATUS_FILE, FLUSH_FILE, REFRESH_FILE)
+COPY_FILE = "copy"
+CONTROL_FILES = (STATUS_FILE, FLUSH_FILE, REFRESH_FILE, COPY_FILE)
 #: The control files that may be opened for writing.
-WRITABLE_CONTROL_FILES = (FLUSH_FILE, REFRESH_FILE)
+WRITABLE_CONTROL_FILES = (FLUSH_FILE, REFRESH_FILE, COPY_FILE)
 #: Most bytes of paths one open of a writable control file takes.
 MAX_CONTROL_WRITE = 1 << 20
 
@@ -85,10 +92,12 @@ class ControlFiles:
         flush: Callable[[list[str] | None], Awaitable[list[str]]],
         refresh: Callable[[list[str]], Awaitable[dict[str, Any]]] | None = None,
         flush_report: Callable[[FlushRequest], Awaitable[dict[str, Any]]] | None = None,
+        copy: Callable[[bytes], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self._status = status
         self._flush = flush
         self._refresh = refresh
+        self._copy = copy  # .gstore/copy: the written request -> its verdict
         self._flush_report = flush_report  # the detailed flush (see flush_report below)
 
     async def read(self, handle: ControlHandle, offset: int, size: int) -> bytes:
@@ -99,6 +108,8 @@ class ControlFiles:
                 handle.content = (json.dumps(self._status(), indent=2, sort_keys=True) + "\n").encode()
             elif handle.name == REFRESH_FILE:
                 await self._run_refresh(handle)
+            elif handle.name == COPY_FILE:
+                await self._run_copy(handle)
             else:
                 paths = written_paths(handle)  # "." is the whole mount
                 failed = await self._flush(paths or None)
@@ -112,6 +123,8 @@ class ControlFiles:
         a flush nobody waits for any more (``gstore flush`` interrupted) stops waiting."""
         if handle.name == REFRESH_FILE and handle.content is None and handle.written:
             await self._run_refresh(handle)
+        if handle.name == COPY_FILE and handle.content is None and handle.written:
+            await self._run_copy(handle)
         if handle.job is not None:
             handle.job.scope.cancel()
 
@@ -154,6 +167,13 @@ class ControlFiles:
         else:
             verdict = await self._refresh(paths)
         handle.content = (json.dumps(verdict, indent=2) + "\n").encode()
+
+    async def _run_copy(self, handle: ControlHandle) -> None:
+        if self._copy is None:
+            verdict: dict[str, Any] = {"ok": False, "fallback": True, "reason": "server-side copy is not available"}
+        else:
+            verdict = await self._copy(bytes(handle.written))
+        handle.content = _json(verdict)
 
     @staticmethod
     def write(handle: ControlHandle, data: bytes) -> int:
@@ -257,6 +277,12 @@ async def flush_report(pending: Any, request: FlushRequest) -> dict[str, Any]:
         before[staged.id] = (staged.path, staged.generation, staged.expect, record.failures if record else 0)
     conflicts_before = pending.stats.conflicts
     started = time.time()
+    queue = getattr(pending, "namespace", None)
+    if queue is not None and len(queue):
+        # Queued mkdir/rmdir/unlink/rename go first (uploads wait for them): replay them now.
+        queue.retry_now()
+        with trio.move_on_after(request.timeout if request.timeout is not None else float("inf")):
+            await queue.wait_empty_or_failing()
     await pending.flush(chosen, timeout=request.timeout, retry_parked=request.retry)
     files: list[dict[str, Any]] = []
     maybe_conflicts: list[str] = []
@@ -280,7 +306,32 @@ async def flush_report(pending: Any, request: FlushRequest) -> dict[str, Any]:
     if pending.stats.conflicts > conflicts_before:
         files += await _conflict_copies(pending.backend, maybe_conflicts, started,
                                         pending.stats.conflicts - conflicts_before)
+    if queue is not None:
+        files += _namespace_entries(queue, request)
     return _flush_verdict(request, files)
+
+
+def _namespace_entries(queue: Any, request: FlushRequest) -> list[dict[str, Any]]:
+    """Queued namespace changes under the flushed paths that are not in the backend (yet), and
+    those the replay did not apply (a conflict) that no flush has reported."""
+    def asked(path: str) -> bool:
+        return request.paths is None or any(p == "" or path == p or path.startswith(p + "/") for p in request.paths)
+
+    entries: list[dict[str, Any]] = []
+    for change in queue.queued():
+        if not asked(change.path):
+            continue
+        what = f"queued {change.describe()} not in the backend yet"
+        if queue.last_error:
+            entries.append({"path": change.path, "state": "failed", "parked": False,
+                            "error": f"{what} ({queue.last_error})"})
+        else:
+            entries.append({"path": change.path, "state": "timed out", "parked": False, "error": what})
+    for settled in queue.take_unreported(asked):
+        state = "conflict" if settled.outcome == "conflict" else "failed"
+        entries.append({"path": settled.change.path, "state": state, "parked": False, "saved_as": None,
+                        "error": f"queued {settled.change.describe()} not applied: {settled.detail}"})
+    return entries
 
 
 def _flush_verdict(request: FlushRequest, files: list[dict[str, Any]]) -> dict[str, Any]:

@@ -27,14 +27,14 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 
 from gstore.backends import objectmeta
 from gstore.backends.base import ObjectInfo, StorageBackend
 from gstore.cache.reader import BlockReader
-from gstore.errors import classify
+from gstore.errors import BackendError, classify, is_transient
 from gstore.vfs.content import MountContent
 from gstore.vfs.control import (
     CONTROL_DIR,
@@ -51,6 +51,7 @@ from gstore.vfs.metadata import ROOT_INFO, MetadataCache
 from gstore.vfs.virtual_files import VirtualFiles
 from gstore.vfs.xattrs import Xattrs
 from gstore.virtual import VirtualNames, VirtualRef  # noqa: F401
+from gstore.write.namespace_queue import NamespaceQueue, QueuedChange, Settled
 from gstore.write.pending import PathLocks, PendingFiles
 from gstore.write.staging import StagedFile
 
@@ -97,6 +98,8 @@ class FileSystem:
         self._kernel_stale: set[int] = set()
         self.virtual = VirtualFiles(self.content, virtual_names or VirtualNames(), ttl=attr_ttl)
         self.xattrs = Xattrs(self.content, self.virtual, ttl=attr_ttl, store=self._store_xattr)
+        if pending is not None and pending.namespace is not None:
+            pending.namespace.on_settled(self._namespace_settled)
 
     @property
     def read_only(self) -> bool:
@@ -175,7 +178,9 @@ class FileSystem:
             known = self.inodes.by_path(path)
             info = known.info if known else await self.metadata.stat(path)
             return self.inodes.remember(path, info)
-        if parent.path == "" and name == CONTROL_DIR and self.control is not None:
+        if parent.path == "" and name == CONTROL_DIR:
+            if self.control is None:
+                raise _err(errno.ENOENT, name)  # reserved (see opendir)
             return self.inodes.remember(control_path(), ObjectInfo(CONTROL_DIR, True, mtime=self.mounted_at))
         if parent.path == CONTROL_DIR:
             if name not in CONTROL_FILES:
@@ -272,7 +277,9 @@ class FileSystem:
         else:
             entries = dict(await self.list_dir(inode.path))
             self.virtual.hide_shadowed(inode.path, entries)
-            if inode.path == "" and self.control is not None:
+            if inode.path == "":
+                # Reserved, whether or not control files are served: the backend's keys under it
+                # (the conditional-write probe's scratch key) are gstore's, never a user's.
                 entries.pop(CONTROL_DIR, None)
             await self._detail_listing(inode.path, entries)
         handle = DirHandle(inode, sorted(entries.items()))
@@ -409,6 +416,7 @@ class FileSystem:
             async with self.locks.hold(path):
                 staged = await pending.open_for_write(path, lambda: self._fresh_info(path),
                                                       truncate=bool(flags & os.O_TRUNC))
+                self._readers_follow(path, staged)
             return self._staged_handle(inode, staged, writable=True), False, False
         if self.pending is not None:
             staged = self.pending.open_for_read(inode.path)
@@ -489,7 +497,16 @@ class FileSystem:
             raise _err(errno.ESTALE, path) from None
         if info.is_dir:
             raise _err(errno.EISDIR, path)
-        fresh = await self.backend.head(path)
+        try:
+            fresh = await self.backend.head(path)
+        except OSError as exc:
+            if not is_transient(exc):
+                raise
+            # Unreachable: the version this mount last saw. Safe to build on: the upload's
+            # If-Match on its ETag (and the identity check of every base read) catches a
+            # change made meanwhile (docs/reliability.md, "Offline").
+            log.debug("%s: backend unavailable (%s); changing the last known version", path, exc)
+            return info
         if fresh is None:
             self.metadata.remember_missing(path)
             raise _err(errno.ESTALE, path)
@@ -515,6 +532,7 @@ class FileSystem:
             staged = await pending.create(path, mode, lambda: self._info_or_none(path),
                                           exclusive=bool(flags & os.O_EXCL), truncate=bool(flags & os.O_TRUNC),
                                           owner=owner)
+            self._readers_follow(path, staged)
         self.metadata.forget_path(path)
         if not existed:
             self.content.folder_changed(parent.path)
@@ -598,6 +616,8 @@ class FileSystem:
                     staged = await pending.stage_attributes(path, lambda: self._fresh_info(path))
                     await pending.set_attributes(staged, mode=mode, uid=uid, gid=gid, atime=atime, mtime=mtime)
                 staged = staged or pending.get(path)
+                if staged is not None:
+                    self._readers_follow(path, staged)
         if staged is not None:
             self.inodes.refresh(inode, staged.info())
         return inode
@@ -633,6 +653,7 @@ class FileSystem:
         async with self.locks.hold(path):
             staged = await pending.stage_attributes(path, lambda: self._fresh_info(path))
             await pending.set_attributes(staged, xattr=(name, value))
+            self._readers_follow(path, staged)
         self.inodes.refresh(inode, staged.info())
 
     async def readlink(self, ino: int) -> str:
@@ -668,7 +689,8 @@ class FileSystem:
             if self.backend.capabilities.user_metadata:
                 metadata = objectmeta.encode(objectmeta.PosixMeta(mode=info.mode, uid=uid, gid=gid, mtime=now,
                                                                   ctime=now))
-            await self.backend.make_dir(path, metadata=metadata)
+            await self._apply_or_queue(QueuedChange("make_dir", path, metadata=dict(metadata) if metadata else None),
+                                       lambda: self.backend.make_dir(path, metadata=metadata))
             self.metadata.forget_path(path)
             self.content.forget_folder(path)
             self.content.set_folder_attributes(path, info)
@@ -714,18 +736,23 @@ class FileSystem:
         path = self._modifiable_path(parent, name)
         async with self.locks.hold(path):
             staged = pending.get(path)
-            if staged is not None:
-                remote_may_exist = pending.remote_may_exist(staged)
-            else:
+            removal = QueuedChange("delete", path)  # what the backend gets, now or when it answers
+            remote_may_exist = True
+            if staged is None:
                 info = await self.metadata.stat(path)
                 if info.is_dir:
                     raise _err(errno.EISDIR, path)
-                remote_may_exist = True
+                removal.etag, removal.size, removal.mtime = info.etag, info.size, info.mtime
             staged = await self._keep_for_open_handles(path, staged) or staged
             if staged is not None:
                 await pending.drop(staged)
+                # Asked only now: an upload may have been confirmed (or cancelled half-sent)
+                # while drop waited for it.
+                remote_may_exist = pending.remote_may_exist(staged)
+                if staged.expect and staged.expect.startswith("etag:"):
+                    removal.etag = staged.expect[5:]
             if remote_may_exist:
-                await self.backend.delete(path)
+                await self._apply_or_queue(removal, lambda: self.backend.delete(path))
                 self.metadata.mtimes.drop(path)
             self.metadata.forget_path(path)
             self.metadata.remember_missing(path)
@@ -750,15 +777,79 @@ class FileSystem:
             staged = await self.pending.copy_for_readers(path, info)
         if staged is None:
             return None
-        for fh, handle in readers:
+        self._readers_follow(path, staged)
+        return staged
+
+    def _readers_follow(self, path: str, staged: StagedFile) -> None:
+        """``path`` has just been staged (its lock held): descriptors that opened the remote
+        object read the pending file from now on, as readers of a local file see a writer's
+        bytes at once. They count as its readers, so it stays (and is read) until they close,
+        instead of them falling back, after the upload, to the version they opened."""
+        assert self.pending is not None
+        inode = self.inodes.by_path(path)
+        if inode is None or not inode.open_handles:
+            return
+        for fh, handle in list(self._handles.items()):
+            if not isinstance(handle, ObjectHandle) or handle.inode is not inode:
+                continue
             counts = inode.open_identities
             counts[handle.identity] = counts.get(handle.identity, 1) - 1
             if counts[handle.identity] <= 0:
                 del counts[handle.identity]
             staged.readers += 1
             self._handles[fh] = StagedHandle(inode, self.pending, staged, writable=False)
+            inode.page_cache_identity = None
         inode.staged = staged
-        return staged
+
+    @property
+    def _queue(self) -> NamespaceQueue | None:
+        return self.pending.namespace if self.pending is not None else None
+
+    async def _apply_or_queue(self, change: QueuedChange, apply: Callable[[], Awaitable[object]]) -> None:
+        """A namespace change: made in the backend now, or queued when it cannot be reached.
+
+        While earlier changes are queued this one goes behind them, never straight to the
+        backend: "rmdir d; mkdir d" or "rm a; create a" must arrive in order.
+        """
+        queue = self._queue
+        if queue is not None and len(queue):
+            await queue.enqueue(change)
+            return
+        try:
+            await apply()
+        except OSError as exc:
+            if queue is None or not is_transient(exc):
+                raise
+            log.warning("%s of %s: the backend cannot be reached (%s); queued, replayed when it answers",
+                        change.describe(), change.path, exc)
+            await queue.enqueue(change)
+
+    def _namespace_settled(self, settled: Settled) -> None:
+        """A queued change left the queue: the caches must not bring back what it hid (a
+        listing fetched before it was replayed), nor hide what the backend kept instead."""
+        path = settled.change.path
+        if settled.outcome == "applied":
+            if settled.change.kind == "make_dir":
+                self.metadata.expire(parent_path(path))
+            elif self.pending is None or self.pending.get(path) is None:
+                self.metadata.remember_missing(path)
+        else:  # not applied: what the backend has decides, at the next access
+            self.metadata.forget_path(path)
+            self.metadata.expire(parent_path(path))
+            self.content.folder_changed(parent_path(path))
+
+    async def _backend_namespace_settled(self, what: str) -> None:
+        """Changes that cannot be queued (a folder rename walks the backend) wait for the queue,
+        so they never act on a backend that is missing earlier changes; EIO while unreachable."""
+        queue = self._queue
+        if queue is None or not len(queue):
+            return
+        queue.retry_now()
+        with trio.move_on_after(10):
+            await queue.wait_empty_or_failing()
+        if len(queue):
+            raise BackendError(errno.EIO, f"{what}: {len(queue)} earlier change(s) are not in the backend yet "
+                               f"({queue.last_error or 'being replayed'}); try again later", transient=True)
 
     async def _keep_directory(self, path: str) -> None:
         """A directory that exists only as a key prefix vanishes with its last key:
@@ -766,12 +857,21 @@ class FileSystem:
         if path == "":
             return
         async with self.locks.hold(path):
-            if await self.list_dir(path):
-                return
+            queue = self._queue
             try:
-                await self.backend.stat(path)
-            except FileNotFoundError:
-                await self.backend.make_dir(path)
+                if await self.list_dir(path):
+                    return
+                if queue is not None and len(queue):
+                    raise BackendError(errno.EAGAIN, "earlier changes queued", transient=True)  # in order
+                try:
+                    await self.backend.stat(path)
+                except FileNotFoundError:
+                    await self.backend.make_dir(path)
+            except OSError as exc:
+                if queue is None or not is_transient(exc):
+                    raise
+                if queue.effect(path) != "dir":
+                    await queue.enqueue(QueuedChange("make_dir", path))  # a marker is harmless if one exists
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
         parent = self.inode(parent_ino)
@@ -781,10 +881,11 @@ class FileSystem:
             info = await self.stat_path(path)
             if not info.is_dir:
                 raise _err(errno.ENOTDIR, path)
-            self.metadata.forget_path(path)
+            self.metadata.expire(path)  # a fresh listing decides (the last known one while unreachable)
             if await self.list_dir(path):
                 raise _err(errno.ENOTEMPTY, path)
-            await self.backend.remove_dir_marker(path)
+            await self._apply_or_queue(QueuedChange("remove_dir", path),
+                                       lambda: self.backend.remove_dir_marker(path))
             self.metadata.forget_path(path)
             self.metadata.remember_missing(path)
             self.content.forget_folder(path)
@@ -838,19 +939,62 @@ class FileSystem:
         await self._keep_for_open_handles(new, pending.get(new))
         staged = pending.get(old)
         if staged is not None:
-            # The target as the backend has it now (not as cached): the upload's If-Match.
-            target_remote = None if pending.get(new) is not None else await self.backend.head(new)
-            remote_old = await pending.move(staged, new, target_remote)
-            if remote_old:
-                await self.backend.delete(old)
-                self.metadata.mtimes.drop(old)
-            return staged.info()
-        replaced = pending.get(new)
-        if replaced is not None:
-            await pending.drop(replaced)
-        # Server-side copy, then delete: no byte passes through this host.
-        fresh = await self._fresh_info(old)
-        await self.backend.copy(old, new, fresh)
+            # Held (no await before this) so that an upload confirmed meanwhile cannot retire
+            # it half-way through the move (the move would then go to a file nobody uploads).
+            pending.hold(staged)
+            try:
+                return await self._rename_pending_file(pending, staged, old, new)
+            finally:
+                await pending.let_go(staged)
+        if staged is None:
+            replaced = pending.get(new)
+            if replaced is not None:
+                await pending.drop(replaced)
+            moved = await self._rename_remote_file(old, new, source)
+            if moved is not None:
+                return moved
+            # The backend cannot be reached: the file moves as a pending file (below).
+            staged = await self._local_copy(old, source)
+        return await self._rename_pending_file(pending, staged, old, new)
+
+    async def _rename_pending_file(self, pending: PendingFiles, staged: StagedFile, old: str, new: str) -> ObjectInfo:
+        """The pending file takes the new name; the old object (if any) is removed, or queued."""
+        # The target as the backend has it now, or will once queued changes are in: the If-Match.
+        target_remote = None if pending.get(new) is not None else await self._remote_after_queue(new)
+        remote_old, old_etag = await pending.move(staged, new, target_remote)
+        if remote_old:
+            await self._apply_or_queue(QueuedChange("delete", old, etag=old_etag), lambda: self.backend.delete(old))
+            self.metadata.mtimes.drop(old)
+        return staged.info()
+
+    async def _remote_after_queue(self, path: str) -> ObjectInfo | None:
+        """What the backend has at file ``path`` (HEAD), as the queued changes will leave it;
+        the last known answer while it cannot be reached."""
+        queue = self._queue
+        if queue is not None and queue.effect(path) is not None:
+            return None  # removed (or a folder) by a queued change: nothing there once replayed
+        try:
+            return await self.backend.head(path)
+        except OSError as exc:
+            if not is_transient(exc):
+                raise
+            try:
+                return self.metadata.last_known(path)
+            except FileNotFoundError:
+                return None
+
+    async def _rename_remote_file(self, old: str, new: str, source: ObjectInfo) -> ObjectInfo | None:
+        """Server-side copy, then delete: no byte passes through this host. None: the backend
+        cannot be reached (or has queued changes it cannot get now), nothing was changed."""
+        try:
+            await self._backend_namespace_settled(f"rename {old}")
+            fresh = await self._fresh_info(old)
+            await self.backend.copy(old, new, fresh)
+        except OSError as exc:
+            if self._queue is None or not is_transient(exc):
+                raise
+            log.info("rename %s -> %s: the backend cannot be reached (%s); moving a local copy", old, new, exc)
+            return None
         copied = await self.backend.head(new)
         if copied is not None and source.mtime:
             self.metadata.mtimes.set(new, copied.etag, source.mtime)
@@ -860,21 +1004,45 @@ class FileSystem:
             for handle in self._handles.values():
                 if isinstance(handle, ObjectHandle) and handle.inode is inode:
                     handle.stream = self.content.open_stream(new, copied)
-        await self.backend.delete(old)
+        await self._apply_or_queue(QueuedChange("delete", old, etag=fresh.etag), lambda: self.backend.delete(old))
         self.metadata.mtimes.drop(old)
         if copied is None:
             return source
         return dataclasses.replace(copied, mtime=source.mtime or copied.mtime)
 
+    async def _local_copy(self, path: str, source: ObjectInfo) -> StagedFile:
+        """A pending copy of remote file ``path`` from the block cache (lock held), which open
+        readers move to; EIO when the cache does not hold all of it (nothing changed then)."""
+        assert self.pending is not None
+        info = await self._fresh_info(path)
+        try:
+            staged = await self.pending.copy_for_readers(path, info)
+        except OSError as exc:
+            left = self.pending.get(path)
+            if left is not None:
+                await self.pending.drop(left)
+            raise _err(errno.EIO, f"{path}: the backend cannot be reached and the file is not all in the "
+                                  f"cache, so it cannot be moved now ({exc})") from exc
+        self._readers_follow(path, staged)
+        return staged
+
     async def _rename_dir(self, pending: PendingFiles, old: str, new: str) -> None:
-        """Every key under ``old/`` is copied to ``new/`` and deleted: not atomic (docs/semantics.md)."""
+        """Every key under ``old/`` is copied to ``new/`` and deleted: not atomic (docs/semantics.md).
+        Not queued while the backend cannot be reached (EIO): it needs a walk of the backend."""
+        await self._backend_namespace_settled(f"rename {old}")
         prefix = old + "/"
         for staged in list(pending.under(old)):
             source_path = staged.path
             moved = f"{new}/{source_path[len(prefix):]}"
             async with self.locks.hold(source_path, moved):
-                if pending.get(source_path) is staged and await pending.move(staged, moved, None):
-                    await self.backend.delete(source_path)
+                if pending.get(source_path) is not staged:
+                    continue
+                pending.hold(staged)  # no retire half-way (see _rename_file)
+                try:
+                    if (await pending.move(staged, moved, None))[0]:
+                        await self.backend.delete(source_path)
+                finally:
+                    await pending.let_go(staged)
         objects = await self.backend.walk(old)
         if not objects:
             await self.backend.make_dir(new)

@@ -34,6 +34,14 @@ class FileHandle:
     async def read(self, offset: int, size: int) -> bytes:
         raise _err(errno.EBADF, self.inode.path)
 
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        """The bytes when they can be had at once (no await, no backend), else None.
+
+        The FUSE adapter tries this before :meth:`read`; None means "ask read()",
+        never "no data". It must record nothing when it returns None.
+        """
+        return None
+
     async def write(self, offset: int, data: bytes) -> int:
         raise _err(errno.EBADF, self.inode.path)
 
@@ -60,6 +68,12 @@ class ObjectHandle(FileHandle):
         self._content = content
         self.stream = stream
         self.identity = identity
+
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        # The same order as read(): pending changes win over the pinned version.
+        if self._content.staged(self.inode.path) is not None:
+            return None
+        return self._content.reader.read_cached(self.stream, offset, size)
 
     async def read(self, offset: int, size: int) -> bytes:
         staged = self._content.staged(self.inode.path)

@@ -363,6 +363,12 @@ class MetadataCache:
         for cache in (self._attrs, self._negatives, self._listings, self._known_attrs, self._known_listings):
             cache.pop(path, None)
 
+    def expire(self, path: str) -> None:
+        """The next listing of folder ``path`` asks the backend; what was last known stays,
+        the answer while the backend cannot be reached."""
+        self._listings.pop(path, None)
+        self._young_dirs.pop(path, None)
+
     def forget_tree(self, path: str) -> None:
         """Drop everything known about ``path`` and below (after a directory rename)."""
         prefix = path + "/"

@@ -66,7 +66,8 @@ import trio
 from gstore.backends import objectmeta
 from gstore.backends.base import ObjectInfo, StorageBackend
 from gstore.cache.reader import BlockReader
-from gstore.errors import StaleObjectError, classify
+from gstore.errors import BackendError, StaleObjectError, classify
+from gstore.write.namespace_queue import NamespaceQueue
 from gstore.write.scheduler import UploadScheduler
 from gstore.write.staging import EXPECT_ABSENT, StagedFile, StagingArea
 from gstore.write.uploader import ConflictError, ConflictPolicy, Uploader, UploadResult
@@ -74,6 +75,8 @@ from gstore.write.uploader import ConflictError, ConflictPolicy, Uploader, Uploa
 log = logging.getLogger(__name__)
 
 EAGER_FILL_LIMIT = 16 * 1024 * 1024
+#: How long an upload waits for earlier queued namespace changes being replayed.
+NAMESPACE_WAIT = 30.0
 FILL_CHUNK = 8 * 1024 * 1024
 
 # Failures retrying will not fix: the upload is parked until a flush --retry or a remount.
@@ -139,11 +142,15 @@ class PendingFiles:
         delay: float,
         policy: ConflictPolicy = ConflictPolicy.KEEP_BOTH,
         concurrency: int = 8,
-        part_concurrency: int = 4,
+        part_concurrency: int = 8,
         reserve_space: Callable[[int], None] | None = None,
         fsync_patience: float = 60.0,
+        namespace: NamespaceQueue | None = None,
     ) -> None:
         self.backend = backend
+        # Namespace changes queued while the backend was unreachable: uploads wait for them
+        # (see gstore.write.namespace_queue: "rm a; create a" must reach the backend in order).
+        self.namespace = namespace
         self.staging = staging
         self._reader = reader
         self.locks = PathLocks()
@@ -214,9 +221,16 @@ class PendingFiles:
         staged = self._by_path.get(path)
         if staged is None:
             staged = await self._stage(path, await current(), truncate=truncate)
-        elif truncate:
-            await self._truncate(staged, 0)
-        staged.writers += 1
+            staged.writers += 1
+        else:
+            # Claimed before any await: an upload finishing meanwhile must not retire it.
+            staged.writers += 1
+            if truncate:
+                try:
+                    await self._truncate(staged, 0)
+                except BaseException:
+                    staged.writers -= 1
+                    raise
         self.scheduler.cancel(staged.id, running=False)
         return staged
 
@@ -227,8 +241,14 @@ class PendingFiles:
         if staged is not None:
             if exclusive:
                 raise OSError(errno.EEXIST, "File exists", path)
+            # Claimed before any await: an upload finishing meanwhile must not retire it.
+            staged.writers += 1
             if truncate:
-                await self._truncate(staged, 0)
+                try:
+                    await self._truncate(staged, 0)
+                except BaseException:
+                    staged.writers -= 1
+                    raise
         else:
             existing = await current()
             if existing is not None:
@@ -237,7 +257,7 @@ class PendingFiles:
                 staged = await self._stage(path, existing, truncate=truncate)
             else:
                 staged = await self._new_file(path, stat.S_IFREG, mode, owner)
-        staged.writers += 1
+            staged.writers += 1
         self.scheduler.cancel(staged.id, running=False)
         return staged
 
@@ -248,8 +268,8 @@ class PendingFiles:
             if owner is not None:
                 staged.uid, staged.gid = owner
 
-        staged = await trio.to_thread.run_sync(
-            lambda: self.staging.create(path, base=None, expect=EXPECT_ABSENT, size=0, configure=configure))
+        # On the trio thread: one open(O_CREAT) and no fsync (no record until the first close).
+        staged = self.staging.create(path, base=None, expect=EXPECT_ABSENT, size=0, configure=configure)
         if content:
             StagingArea.write(staged, 0, content)
         self._adopt(staged)
@@ -277,6 +297,14 @@ class PendingFiles:
             staged = await self._stage(path, await current(), truncate=False, fill=False)
         return staged
 
+    def hold(self, staged: StagedFile) -> None:
+        """Keep ``staged`` from being retired during a namespace change that awaits (a rename):
+        it counts as a reader until :meth:`let_go`. No await: the caller looked it up just now."""
+        staged.readers += 1
+
+    async def let_go(self, staged: StagedFile) -> None:
+        await self.release(staged, writer=False)
+
     def open_for_read(self, path: str) -> StagedFile | None:
         """A reader opens ``path``: it shares the staged file, if there is one (no await: atomic)."""
         staged = self._by_path.get(path)
@@ -289,19 +317,18 @@ class PendingFiles:
         if info.is_dir:
             raise OSError(errno.EISDIR, "Is a directory", path)
         expect = f"etag:{info.etag}" if info.etag else None
+        # On the trio thread: an open(O_CREAT) and a sparse ftruncate, no fsync (no record yet).
         if truncate:
-            staged = await trio.to_thread.run_sync(
-                lambda: self.staging.create(path, base=None, expect=expect, size=0, attributes=info))
+            staged = self.staging.create(path, base=None, expect=expect, size=0, attributes=info)
         else:
-            staged = await trio.to_thread.run_sync(
-                lambda: self.staging.create(path, base=info, expect=expect, size=info.size, attributes=info))
+            staged = self.staging.create(path, base=info, expect=expect, size=info.size, attributes=info)
         if fill and not truncate and staged.size <= EAGER_FILL_LIMIT and not staged.complete:
             # Small files are copied locally now, while the base version surely exists: a
             # conflicting remote change later can then never cost the bytes not touched here.
             try:
                 await self.ensure_local(staged, 0, staged.size)
             except BaseException:
-                await trio.to_thread.run_sync(self.staging.remove, staged)
+                self.staging.remove(staged)  # trio thread: it closes the shared descriptor
                 raise
         self._adopt(staged)
         return staged
@@ -373,7 +400,11 @@ class PendingFiles:
 
     async def _truncate(self, staged: StagedFile, size: int) -> None:
         before = staged.size
-        await trio.to_thread.run_sync(StagingArea.truncate, staged, size)
+        # On the trio thread, like write(): the file and its size/generation change in one
+        # step with no await in between, so an upload can neither start on, nor be
+        # confirmed for (and retire the file with), a generation whose bytes are not there.
+        StagingArea.truncate(staged, size)
+        await trio.lowlevel.checkpoint()
         self._account(size - before)
 
     async def truncate_path(self, path: str, size: int, current: Callable[[], Awaitable[ObjectInfo]]) -> StagedFile:
@@ -434,10 +465,14 @@ class PendingFiles:
     # -- closing --------------------------------------------------------------------------
 
     async def persist(self, staged: StagedFile) -> None:
-        """close(2) or fsync(2): what was written survives a crash of this host."""
+        """close(2) or fsync(2): what was written survives a crash of this host.
+
+        Closes at about the same moment share one journal commit (a group commit:
+        :meth:`StagingArea.commit`); each returns only once its own record is durable.
+        """
         if not staged.unlinked and staged.persisted_generation != staged.generation:
             generation = staged.generation
-            await trio.to_thread.run_sync(self.staging.persist, staged)
+            await self.staging.commit(staged)
             staged.persisted_generation = max(staged.persisted_generation, generation)
 
     async def fsync(self, staged: StagedFile) -> list[str]:
@@ -474,6 +509,8 @@ class PendingFiles:
         # Re-check after the await: an upload may have finished, a writer opened, a rename moved it.
         if staged.unlinked or self._by_id.get(staged.id) is not staged or staged.writers:
             return
+        if staged.readers == 0:
+            StagingArea.close_fd(staged)  # no handle left: the shared descriptor goes (reopened on use)
         if staged.uploaded_generation >= staged.generation:
             if staged.readers == 0:
                 self._retire(staged)
@@ -482,10 +519,17 @@ class PendingFiles:
 
     # -- namespace changes (lock of every path involved held) --------------------------------
 
-    async def drop(self, staged: StagedFile) -> None:
-        """The file was unlinked or replaced: its content must never be uploaded."""
-        self.scheduler.cancel(staged.id)
+    async def drop(self, staged: StagedFile, *, finish_sending: bool = False) -> None:
+        """The file was unlinked or replaced: its content must never be uploaded.
+
+        ``finish_sending``: an upload already under way is let finish instead of being
+        cancelled, so that what the backend has at the path afterwards is known (a
+        cancelled PUT may still land, and its ETag would then be nobody's).
+        """
+        self.scheduler.cancel(staged.id, running=not finish_sending)
         await self.scheduler.wait_idle(staged.id)
+        if self._by_id.get(staged.id) is not staged:
+            return  # its upload finished meanwhile and retired it (no handle open): nothing left
         if self._by_path.get(staged.path) is staged:
             del self._by_path[staged.path]
         self.stats.failed.pop(staged.path, None)
@@ -503,21 +547,26 @@ class PendingFiles:
         await self.ensure_local(staged, 0, staged.size)
         return staged
 
-    async def move(self, staged: StagedFile, new_path: str, target: ObjectInfo | None) -> bool:
-        """rename(2) of a staged file; returns whether an object may remain at the old key."""
+    async def move(self, staged: StagedFile, new_path: str, target: ObjectInfo | None) -> tuple[bool, str | None]:
+        """rename(2) of a staged file; returns whether an object may remain at the old key, and
+        its ETag as far as this mount knows (after any upload under way has ended)."""
         self.scheduler.cancel(staged.id)
         await self.scheduler.wait_idle(staged.id)
         if not staged.complete:
             await self.ensure_local(staged, 0, staged.size)
         replaced = self._by_path.get(new_path)
         if replaced is not None and replaced is not staged:
-            expect = replaced.expect  # what the backend has at the target, as far as this mount knows
-            await self.drop(replaced)
+            # What the backend has at the target, as far as this mount knows: read after its
+            # upload in flight (if any) has finished, which may have changed it (the path's
+            # lock is held: nobody else changes which file the target has meanwhile).
+            await self.drop(replaced, finish_sending=True)
+            expect = replaced.expect
         elif target is not None and not target.is_dir:
             expect = f"etag:{target.etag}" if target.etag else None
         else:
             expect = EXPECT_ABSENT
         remote_old = self.remote_may_exist(staged)
+        old_etag = staged.expect[5:] if staged.expect and staged.expect.startswith("etag:") else None
         old = staged.path
         if self._by_path.get(old) is staged:
             del self._by_path[old]
@@ -533,7 +582,7 @@ class PendingFiles:
         if staged.writers == 0:
             self.scheduler.schedule(staged.id)
         self.stats.failed.pop(old, None)
-        return remote_old
+        return remote_old, old_etag
 
     # -- uploads ------------------------------------------------------------------------------
 
@@ -559,6 +608,10 @@ class PendingFiles:
                 record.permanent = False
             start_failures[staged.id] = record.failures if record is not None else 0
         deadline = None if timeout is None else trio.current_time() + timeout
+        if targets is None and self.namespace is not None and len(self.namespace):
+            self.namespace.retry_now()
+            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                await self.namespace.wait_empty_or_failing()
         while True:
             failed, waiting = [], []
             for staged in chosen:
@@ -574,18 +627,39 @@ class PendingFiles:
                     self.scheduler.schedule(staged.id, 0)
                 waiting.append(staged)
             if not waiting:
-                return failed
+                return failed + self._unapplied_namespace_changes(targets)
             if deadline is not None and trio.current_time() >= deadline:
-                return failed + [f"{s.path}: not uploaded within {timeout:g}s" for s in waiting]
+                return (failed + [f"{s.path}: not uploaded within {timeout:g}s" for s in waiting]
+                        + self._unapplied_namespace_changes(targets))
             changed = self.scheduler.changed()
             with trio.move_on_at(deadline if deadline is not None else trio.current_time() + 3600):
                 await changed.wait()
+
+    def _unapplied_namespace_changes(self, targets: list[StagedFile] | None) -> list[str]:
+        """One line per queued namespace change not in the backend yet (a whole flush only)."""
+        if targets is not None or self.namespace is None:
+            return []
+        why = self.namespace.last_error or "waiting to be replayed"
+        return [f"{c.path}: queued {c.describe()} not applied yet ({why})" for c in self.namespace.queued()]
 
     async def _upload_one(self, upload_id: str) -> None:
         """The scheduler's ``upload(id)``: one attempt, its outcome recorded."""
         staged = self._by_id.get(upload_id)
         if staged is None or staged.unlinked or self._by_path.get(staged.path) is not staged:
             return
+        if self.namespace is not None and len(self.namespace):
+            # Earlier namespace changes go first; while their replay fails (the backend is
+            # unreachable) this attempt fails too, like any upload would, and is retried.
+            with trio.move_on_after(NAMESPACE_WAIT):
+                await self.namespace.wait_empty_or_failing()
+            if len(self.namespace):
+                self._failed(staged, BackendError(
+                    errno.EAGAIN, f"{len(self.namespace)} earlier namespace change(s) not in the backend yet "
+                    f"({self.namespace.last_error or 'being replayed'})", transient=True))
+                return
+            # Re-check after the await: it may have been dropped or moved meanwhile.
+            if staged.unlinked or self._by_path.get(staged.path) is not staged:
+                return
         if staged.uploaded_generation >= staged.generation:
             if staged.writers + staged.readers == 0:
                 self._retire(staged)
@@ -687,6 +761,8 @@ class PendingFiles:
 
     def recover(self) -> list[StagedFile]:
         """Take over the files staged before the last stop and queue their uploads."""
+        if self.namespace is not None:
+            self.namespace.recover()
         recovered = self.staging.load()
         for staged in recovered:
             if staged.path in self._by_path:
@@ -695,6 +771,10 @@ class PendingFiles:
                 older = self._by_path[staged.path]
                 if older.created > staged.created:
                     continue
+            # Whether an upload of it was sent before the stop is not in the journal (it is
+            # recorded only once confirmed, and a kill -9 can come between): assume one may
+            # have landed, so a rename or unlink also removes the key (a no-op if none did).
+            staged.upload_started = True
             self._adopt(staged)
             self.scheduler.schedule(staged.id, 0)
         if recovered:
@@ -708,7 +788,11 @@ class PendingFiles:
         return recovered
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.scheduler.run(task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            if self.namespace is not None:
+                await nursery.start(self.namespace.run)
+            await nursery.start(self.scheduler.run)
+            task_status.started()
 
 
 __all__ = ["EAGER_FILL_LIMIT", "PathLocks", "PendingFiles", "WriteStats"]

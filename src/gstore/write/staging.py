@@ -13,7 +13,22 @@ The record is replaced atomically (temp file, fsync, rename, fsync of the
 directory) at every close, fsync, truncate and rename, after the data file
 itself was fsynced. So after a kill -9 or a power loss, everything a program
 had closed or fsynced is found again at the next start and uploaded; nothing is
-deleted before the backend confirmed the upload.
+deleted before the backend confirmed the upload. A file created and never
+closed has no record yet (nothing was promised for it): its data file is an
+orphan the next start removes. Creating a staged file is therefore one
+``open(O_CREAT)`` and no fsync, cheap enough for the trio thread. Closes and
+fsyncs go through :meth:`StagingArea.commit`: those arriving while a commit runs
+are written together by one worker-thread call with one directory fsync
+(:mod:`gstore.write.group_commit`); each returns once its own record is durable.
+
+The data file's descriptor stays open while the staged file is in use
+(``StagedFile.fd``, opened at the first write or local read, closed by
+:meth:`StagingArea.close_fd` when the last handle closes, or at removal): a
+``write(2)`` through the mount is one ``pwrite``, with no open and close around it.
+Only the trio thread uses that descriptor. Work done in worker threads (fsync,
+reads for uploads, truncate) opens its own, so closing the shared one can never
+pull it from under a thread, nor hand a reused descriptor number to a pread of
+another file.
 """
 
 from __future__ import annotations
@@ -29,12 +44,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import trio
 
 from gstore.backends.base import ObjectInfo
 from gstore.backends.objectmeta import PosixMeta
 from gstore.write.extents import Extents
+from gstore.write.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +117,8 @@ class StagedFile:
     attempts: int = 0
     last_error: str | None = None
     md5: str | None = None  # of the bytes last uploaded, when known
+    # The data file's descriptor for the trio thread's pwrite/pread (see the module docstring).
+    fd: int | None = field(default=None, repr=False)
 
     @property
     def complete(self) -> bool:
@@ -148,6 +168,12 @@ class StagingArea:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._records_lock = threading.Lock()
+        # Directory fsyncs after removals (see remove): whether one is owed, whether one runs.
+        self._removals_lock = threading.Lock()
+        self._removals_unsynced = False
+        self._removals_syncing = False
+        # Closes and fsyncs: batched journal writes (see commit); trio thread only.
+        self.commits: GroupCommit[StagedFile] = GroupCommit(self.persist_batch)
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(root, 0o700)
 
@@ -157,7 +183,10 @@ class StagingArea:
                attributes: ObjectInfo | None = None, configure: Callable[[StagedFile], None] | None = None,
                ) -> StagedFile:
         """A new staged file; ``attributes``: the object whose mode, owner and xattrs it keeps;
-        ``configure`` sets anything else before the first record is written."""
+        ``configure`` sets anything else before the first record is written.
+
+        No record is written here: the first :meth:`persist` (close, fsync, truncate,
+        rename) writes it. Until then a crash leaves only an orphan data file."""
         staged_id = secrets.token_hex(12)
         data_path = self.root / f"{staged_id}.data"
         fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -180,7 +209,6 @@ class StagingArea:
             staged.take_attributes(attributes)
         if configure is not None:
             configure(staged)
-        self.persist(staged, sync_data=False)
         return staged
 
     def persist(self, staged: StagedFile, *, sync_data: bool = True) -> None:
@@ -190,14 +218,47 @@ class StagingArea:
         ``_records_lock`` orders the two, and a removed file is never recorded again
         (a record without its data would be reported at every start).
         """
+        if self._persist_one(staged, sync_data):
+            self._sync_dir()
+
+    async def commit(self, staged: StagedFile) -> None:
+        """:meth:`persist` for a close or an fsync (trio thread): closes at about the same
+        moment share one worker-thread call and one directory fsync (:mod:`gstore.write.group_commit`)."""
+        await self.commits.commit(staged)
+
+    def persist_batch(self, batch: Sequence[StagedFile]) -> list[BaseException | None]:
+        """:meth:`persist` of several files (worker thread), with one directory fsync for all.
+
+        Returns one error or None per file. A file's record counts as durable only
+        after the directory fsync, so a failure of that fails every renamed one."""
+        errors: list[BaseException | None] = []
+        renamed = []
+        for staged in batch:
+            try:
+                if self._persist_one(staged, True):
+                    renamed.append(len(errors))
+                errors.append(None)
+            except OSError as exc:
+                errors.append(exc)
+        if renamed:
+            try:
+                self._sync_dir()
+            except OSError as exc:
+                for index in renamed:
+                    errors[index] = exc
+        return errors
+
+    def _persist_one(self, staged: StagedFile, sync_data: bool) -> bool:
+        """Fsync the data, write and fsync the record, rename it in place; True when renamed
+        (the directory still needs its fsync)."""
         if staged.unlinked or staged.removed:
-            return
+            return False
         if sync_data:
             try:
                 fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 if staged.removed:
-                    return
+                    return False
                 raise
             try:
                 os.fsync(fd)
@@ -208,7 +269,7 @@ class StagingArea:
         temp = self.root / f".{staged.id}.{secrets.token_hex(4)}.json.tmp"
         with self._records_lock:
             if staged.unlinked or staged.removed:
-                return
+                return False
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, record)
@@ -216,7 +277,7 @@ class StagingArea:
             finally:
                 os.close(fd)
             os.replace(temp, final)
-        self._sync_dir()
+        return True
 
     def remove_record(self, staged: StagedFile) -> None:
         """Forget the journal record only: the bytes stay for handles still open."""
@@ -229,7 +290,17 @@ class StagingArea:
         self._sync_dir()
 
     def remove(self, staged: StagedFile) -> None:
-        """Forget a staged file (only after the backend confirmed it, or it was deleted)."""
+        """Forget a staged file (only after the backend confirmed it, or it was deleted).
+
+        Called on the trio thread as the last step of an upload: the unlinks happen
+        here, the directory fsync that makes them durable runs in a worker thread,
+        shared by every removal meanwhile (:meth:`_sync_removals_soon`). A power loss
+        before it may bring a record back, as an unlink on any local file system can
+        before its directory is fsynced: the next start then uploads those bytes again
+        (an object already holding them is recognised as ours, a changed one is a
+        conflict); nothing is lost.
+        """
+        self.close_fd(staged)
         with self._records_lock:
             staged.removed = True
             for path in (self.root / f"{staged.id}.json", staged.data_path):
@@ -237,7 +308,28 @@ class StagingArea:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
-        self._sync_dir()
+        self._sync_removals_soon()
+
+    def _sync_removals_soon(self) -> None:
+        """Fsync the directory in a worker thread, once for every removal made meanwhile."""
+        with self._removals_lock:
+            self._removals_unsynced = True
+            if self._removals_syncing:
+                return  # the running sync loops once more and covers this one
+            self._removals_syncing = True
+        trio.lowlevel.start_thread_soon(self._sync_removals, lambda result: None, name="gstore staging sync")
+
+    def _sync_removals(self) -> None:
+        while True:
+            with self._removals_lock:
+                if not self._removals_unsynced:
+                    self._removals_syncing = False
+                    return
+                self._removals_unsynced = False
+            try:
+                self._sync_dir()
+            except OSError as exc:  # the next removal tries again
+                log.warning("could not fsync the staging directory %s: %s", self.root, exc)
 
     def load(self) -> list[StagedFile]:
         """Staged files left by a previous run (crash, kill, or a drain that timed out)."""
@@ -288,12 +380,23 @@ class StagingArea:
     # -- data --------------------------------------------------------------------------
 
     @staticmethod
-    def write(staged: StagedFile, offset: int, data: bytes) -> int:
-        fd = os.open(staged.data_path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            written = os.pwrite(fd, data, offset)
-        finally:
+    def _open_fd(staged: StagedFile) -> int:
+        """The staged file's shared descriptor (trio thread only), opened on first use."""
+        if staged.fd is None:
+            staged.fd = os.open(staged.data_path, os.O_RDWR | os.O_CLOEXEC)
+        return staged.fd
+
+    @staticmethod
+    def close_fd(staged: StagedFile) -> None:
+        """Close the shared descriptor: the last handle closed (it reopens if used again)."""
+        fd, staged.fd = staged.fd, None
+        if fd is not None:
             os.close(fd)
+
+    @staticmethod
+    def write(staged: StagedFile, offset: int, data: bytes) -> int:
+        """A program's write (trio thread): one pwrite on the shared descriptor."""
+        written = os.pwrite(StagingArea._open_fd(staged), data, offset)
         if written != len(data):
             raise OSError(errno.ENOSPC, "short write to the staging file")
         end = offset + written
@@ -309,6 +412,7 @@ class StagingArea:
 
     @staticmethod
     def read_local(staged: StagedFile, offset: int, length: int) -> bytes:
+        """Bytes of the staging file; safe in worker threads (a descriptor of its own)."""
         fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             data = os.pread(fd, length, offset)
@@ -335,12 +439,8 @@ class StagingArea:
 
     @staticmethod
     def fill(staged: StagedFile, offset: int, data: bytes) -> None:
-        """Store bytes fetched from the base version (not a change)."""
-        fd = os.open(staged.data_path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.pwrite(fd, data, offset)
-        finally:
-            os.close(fd)
+        """Store bytes fetched from the base version (not a change; trio thread)."""
+        os.pwrite(StagingArea._open_fd(staged), data, offset)
         staged.present.add(offset, offset + len(data))
 
     def bytes_on_disk(self) -> int:

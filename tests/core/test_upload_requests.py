@@ -1,0 +1,172 @@
+"""Uploads with fewer requests and in parallel, with conflicts still detected.
+
+* A new file goes up with one conditional PUT (If-None-Match: *) and no HEAD,
+  on a store that was probed (once per mount) to refuse that header on an
+  existing key; another writer's object created meanwhile is still a conflict.
+* On a store that ignores the header (a wrapper that drops it, over the same
+  real S3 endpoint), the probe says so and the HEAD stays.
+* Multipart uploads of several files run at once (one mount-wide part limiter).
+* The staging file's descriptor stays open while the file is open, and only then.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from gstore.write.conditional import PROBE_DIR
+
+from .conftest import open_core
+from .model import pattern
+
+NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+
+def conflict_keys(keys: list[str], name: str) -> list[str]:
+    return [k for k in keys if k.startswith(f"{name}.conflict-")]
+
+
+class IgnoresIfNoneMatch:
+    """A store that declares conditional writes but ignores If-None-Match: * (the header is
+    dropped before the request goes to the real S3 endpoint below)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def put_bytes(self, path: str, data: bytes, **kwargs: Any) -> Any:
+        kwargs["if_none_match"] = False
+        return await self._inner.put_bytes(path, data, **kwargs)
+
+
+async def test_new_files_go_up_with_one_put_each_and_no_head(tmp_path: Path) -> None:
+    async with open_core(tmp_path, backend="s3", write_back_delay=3600) as h:
+        assert h.bucket is not None
+        files = {f"f{i:02d}.bin": pattern(f"f{i}", 3000 + i) for i in range(24)}
+        for path, data in files.items():
+            await h.kernel.write_file(path, data)
+        stats = h.bucket.server.stats
+        stats.reset()
+        assert await h.drain() == []
+        counts = stats.snapshot()
+        uploader = h.core.pending.uploader
+        assert uploader.create_check.probes == 1, "the probe runs once per mount, not per file"
+        assert uploader.create_check.known is True, "moto refuses If-None-Match: * on an existing key"
+        assert counts["HEAD"] == 0, counts
+        assert counts["PUT"] == len(files) + 2, counts  # + the probe's two PUTs
+        assert counts["DELETE"] == 1, counts  # the probe's scratch object
+        assert h.bucket.files() == files, "exactly the files, and no probe object left behind"
+        assert not any(k.startswith(PROBE_DIR) for k in h.bucket.keys())
+        # A second batch: no new probe, still no HEAD.
+        stats.reset()
+        await h.kernel.write_file("later.txt", b"later")
+        assert await h.drain() == []
+        assert stats.snapshot()["HEAD"] == 0 and uploader.create_check.probes == 1
+
+
+async def _created_elsewhere_meanwhile(h: Any, name: str) -> tuple[bytes, bytes]:
+    """Open a new file here, let another writer create the same key, then write ours and close."""
+    ours, theirs = pattern("ours", 5000), pattern("theirs", 4000)
+    fd = await h.kernel.open(name, NEW)
+    h.bucket.put(name, theirs)
+    await h.kernel.pwrite(fd, ours, 0)
+    await h.kernel.close(fd)
+    return ours, theirs
+
+
+async def test_a_new_file_created_elsewhere_meanwhile_is_still_a_conflict(tmp_path: Path) -> None:
+    async with open_core(tmp_path, backend="s3", conflict="keep-both") as h:
+        assert h.bucket is not None
+        await h.kernel.write_file("warmup.txt", b"x")  # the probe runs here
+        assert await h.drain() == []
+        skipped = h.core.pending.uploader.heads_skipped
+        ours, theirs = await _created_elsewhere_meanwhile(h, "new.txt")
+        assert await h.drain() == []
+        assert h.core.pending.uploader.heads_skipped == skipped + 1, "the PUT went first, with no HEAD"
+        files = h.bucket.files()
+        assert files["new.txt"] == theirs, "the other writer's object is never overwritten"
+        [conflict] = conflict_keys(list(files), "new.txt")
+        assert files[conflict] == ours, "ours went to the conflict name"
+
+
+async def test_a_conflict_on_a_new_file_with_policy_fail_keeps_ours_staged(tmp_path: Path) -> None:
+    async with open_core(tmp_path, backend="s3", conflict="fail") as h:
+        assert h.bucket is not None
+        ours, theirs = await _created_elsewhere_meanwhile(h, "new.txt")
+        failures = await h.drain(timeout=10)
+        assert failures and "new.txt" in failures[0], failures
+        assert h.bucket.files() == {"new.txt": theirs}
+        assert await h.kernel.read_file("new.txt") == ours, "ours stays staged and visible here"
+
+
+async def test_a_store_that_ignores_if_none_match_keeps_the_head(tmp_path: Path) -> None:
+    async with open_core(tmp_path, backend="s3", conflict="keep-both", wrap_backend=IgnoresIfNoneMatch) as h:
+        assert h.bucket is not None
+        await h.kernel.write_file("warmup.txt", b"x")
+        h.bucket.server.stats.reset()
+        assert await h.drain() == []
+        uploader = h.core.pending.uploader
+        assert uploader.create_check.known is False, "the probe saw the second PUT succeed"
+        assert uploader.heads_skipped == 0
+        assert h.bucket.server.stats.snapshot()["HEAD"] >= 1
+        ours, theirs = await _created_elsewhere_meanwhile(h, "new.txt")
+        assert await h.drain() == []
+        files = h.bucket.files()
+        assert files["new.txt"] == theirs, "the HEAD found the other writer's object"
+        [conflict] = conflict_keys(list(files), "new.txt")
+        assert files[conflict] == ours
+        assert not any(k.startswith(PROBE_DIR) for k in files)
+
+
+async def test_multipart_uploads_of_several_files_at_once(tmp_path: Path) -> None:
+    """Three files above the single-PUT limit upload together: every part of each lands in its
+    own object (the part limiter is shared by every upload of the mount)."""
+    size = 12 * 1024 * 1024
+    async with open_core(tmp_path, backend="s3", write_back_delay=3600) as h:
+        assert h.bucket is not None
+        files = {f"big{i}.bin": pattern(f"big{i}", size) for i in range(3)}
+        for path, data in files.items():
+            await h.kernel.write_file(path, data)
+        h.bucket.server.stats.reset()
+        assert await h.drain(timeout=120) == []
+        assert h.bucket.server.stats.snapshot()["POST"] >= 6, "three multipart uploads (create + complete)"
+        assert h.bucket.files() == files
+        for path, data in files.items():
+            assert await h.kernel.read_file(path) == data
+
+
+def staging_fds(staging_dir: Path) -> list[str]:
+    """The descriptors of this process open on staging data files."""
+    found = []
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{entry}")
+        except OSError:
+            continue
+        if target.startswith(str(staging_dir)) and target.endswith(".data"):
+            found.append(target)
+    return found
+
+
+async def test_the_staging_descriptor_is_open_while_the_file_is_open_and_only_then(tmp_path: Path) -> None:
+    async with open_core(tmp_path, write_back_delay=3600) as h:
+        fd = await h.kernel.open("a.bin", NEW)
+        for i in range(20):
+            await h.kernel.pwrite(fd, pattern(str(i), 4096), i * 4096)
+        assert len(staging_fds(h.staging_dir)) == 1, "one descriptor serves every write"
+        await h.kernel.close(fd)
+        await h.kernel.released()
+        assert staging_fds(h.staging_dir) == [], "closed with the last handle (the file is still pending)"
+        for i in range(30):
+            await h.kernel.write_file(f"many{i}", b"x" * 100)
+        await h.kernel.released()
+        assert staging_fds(h.staging_dir) == [], "pending files hold no descriptor"
+        assert await h.kernel.read_file("a.bin") == b"".join(pattern(str(i), 4096) for i in range(20))
+        assert await h.drain() == []
+        with trio.fail_after(5):
+            assert staging_fds(h.staging_dir) == []
