@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import hashlib
 import logging
 import os
@@ -325,6 +326,10 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
                 nursery.start_soon(_watchdog, interval)
             if systemd.enabled():
                 nursery.start_soon(_report_status, stopping, writeback, store, f"{spec.display()} on {request.mountpoint}")
+            # Everything built so far (modules, botocore's service model, the block index) lives
+            # as long as the mount: out of the cyclic collector's way, so a full collection does
+            # not walk it in the middle of serving reads.
+            gc.freeze()
             await pyfuse3.main(min_tasks=4, max_tasks=128)
             stopping.begin("unmounted")
             if writeback is not None and writeback.pending():

@@ -695,8 +695,15 @@ async def shrink(workdir: Path, result: RunResult, *, budget: float, config: Con
             candidate = best[:start] + best[start + chunk:]
             runs += 1
             again = None
-            with trio.move_on_after(max(0.0, deadline - time.monotonic()) + 30):  # a hang guard per replay
-                again = await run_model(workdir, replay=candidate, config=config, initial=initial)
+            with trio.move_on_after(max(0.0, deadline - time.monotonic()) + 30) as guard:  # a hang guard per replay
+                try:
+                    again = await run_model(workdir, replay=candidate, config=config, initial=initial)
+                except BaseExceptionGroup:
+                    # The guard's cancellation met another error on its way out (a core torn
+                    # down mid-step): this replay tells nothing; stop shrinking here.
+                    if not guard.cancel_called:
+                        raise
+                    again = None
             if again is None:
                 break
             if again.failure is not None and _signature(again.failure, again.steps) == want:

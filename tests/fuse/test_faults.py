@@ -160,12 +160,14 @@ def test_reads_retry_through_resets_truncation_and_5xx(s3, proxy, pmount):
         tally.operations += 1
         assert got == data, f"{name}: wrong bytes under faults"
         tally.bytes_verified += len(got)
-    counts = proxy.counts()
-    blocks = sum(-(-len(d) // MiB) for d in files.values())
-    assert counts["reset"] >= 8 and counts["truncate"] >= 8 and counts["status"] >= 8, (counts, [(f.kind, f.path, f.injected) for f in proxy._faults])
+    # Every fetch met its fault (a fetch may carry several consecutive blocks: count GETs,
+    # not blocks); each fault cost one retry, and the bytes above are right all the same.
+    faults = [(f.kind, f.path, f.injected) for f in proxy._faults if f.kind != "latency"]
+    assert all(injected >= 1 for _, _, injected in faults), faults
+    injected = sum(n for _, _, n in faults)
     health = status(m.path)["backend_health"]
     assert health is not None and health["state"] == "closed"
-    assert health["retries"] >= blocks, health
+    assert health["retries"] >= injected, (health, faults)
     assert m.process.poll() is None
     tally.report("reads under faults", proxy)
     m.stop()

@@ -445,7 +445,8 @@ def test_status_and_flush_with_pending_and_failing_uploads(s3, mount, tmp_path: 
     assert [e["path"] for e in st["uploads"]["failed_paths"]] == ["contested.txt"]
     assert st["uploads"]["failed_paths"][0]["error"]
     assert st["uploads"]["uploaded"] >= 2 and st["uploads"]["bytes_uploaded"] >= 4005
-    assert "FAILING contested.txt" in gstore("status", str(m.path)).stdout
+    # A conflict under --conflict fail is parked (retrying cannot fix it); names are quoted.
+    assert 'PARKED  "contested.txt"' in gstore("status", str(m.path)).stdout
 
 
 def test_status_and_flush_of_something_that_is_not_a_mount(tmp_path: Path) -> None:

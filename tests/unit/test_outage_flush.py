@@ -162,6 +162,33 @@ def test_reads_of_a_polled_flush_return_within_the_poll_and_close_stops_it() -> 
     trio.run(main)
 
 
+def test_a_verdict_that_arrives_between_two_reads_never_splices_into_the_running_answer() -> None:
+    """gstore flush reads the file from offset 0 until a short read: a verdict that lands
+    between the read at 0 and the next one must not come back as its tail (found by
+    scripts/measure_memory.py: "Extra data" from json.loads)."""
+    async def main() -> None:
+        release = trio.Event()
+
+        async def report(request: FlushRequest) -> dict[str, Any]:
+            await release.wait()
+            return {"ok": True, "failed": [], "files": [], "paths": request.paths or "all", "padding": "x" * 500}
+
+        files = ControlFiles(status=dict, flush=None, flush_report=report)  # type: ignore[arg-type]
+        handle = handle_with(request_bytes(poll=0.05))
+        with trio.fail_after(5):
+            first = await files.read(handle, 0, 1 << 16)
+        release.set()
+        assert handle.job is not None
+        with trio.fail_after(5):
+            await handle.job.done.wait()
+        rest = await files.read(handle, len(first), 1 << 16)
+        assert json.loads(first + rest)["running"] is True
+        with trio.fail_after(5):
+            assert json.loads(await files.read(handle, 0, 1 << 16))["ok"] is True
+
+    trio.run(main)
+
+
 # --------------------------------------------------------------------------- exit codes and lines
 
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from gstore.backends.filebody import FileRegion
 from gstore.errors import BackendError
 
 if TYPE_CHECKING:
@@ -276,7 +277,7 @@ class WritingBackend(Protocol):
     async def put_bytes(
         self,
         path: str,
-        data: bytes,
+        data: bytes | FileRegion,
         *,
         content_type: str | None = None,
         metadata: Mapping[str, str] | None = None,
@@ -284,6 +285,10 @@ class WritingBackend(Protocol):
         if_none_match: bool = False,
     ) -> ObjectInfo:
         """Store ``data`` as the object at ``path``; returns the new object's info (its ETag).
+
+        ``data`` is the bytes, or a hashed :class:`FileRegion` of a local file that the
+        backend reads as it sends (bounded memory whatever the size); either way the
+        bytes stored are those whose MD5 the caller knows, or the call fails.
 
         ``if_match`` (an ETag without quotes) / ``if_none_match`` make the write
         conditional (``capabilities.conditional_writes``; else ENOTSUP); a failed
@@ -356,8 +361,8 @@ class MultipartBackend(Protocol):
         """Begin a multipart upload to ``path``; returns its upload id."""
         ...
 
-    async def upload_part(self, path: str, upload_id: str, number: int, data: bytes) -> UploadedPart:
-        """Send part ``number`` (1-based)."""
+    async def upload_part(self, path: str, upload_id: str, number: int, data: bytes | FileRegion) -> UploadedPart:
+        """Send part ``number`` (1-based); ``data`` as in ``put_bytes``."""
         ...
 
     async def copy_part(

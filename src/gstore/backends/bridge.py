@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -24,12 +25,29 @@ from gstore.errors import BackendError
 T = TypeVar("T")
 
 
+log = logging.getLogger(__name__)
+
+
+def _quiet_lost_body_writes(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """aiohttp writes a streamed request body (an upload read from its staging file) in a task
+    of its own; when the connection drops, the request fails (and is retried or reported by
+    its caller) and that task's "connection reset" is never retrieved. asyncio would log it
+    as an ERROR with a traceback; it is one line of DEBUG here. Everything else as usual."""
+    exc = context.get("exception")
+    if "never retrieved" in str(context.get("message", "")) and isinstance(exc, (ConnectionError, OSError)):
+        log.debug("a request body's writer ended with the connection: %s", exc)
+        return
+    loop.default_exception_handler(context)
+
+
 class AsyncioBridge:
     """Submit coroutines to one asyncio loop running in another thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, timeout: float | None = None) -> None:
         self._loop = loop
         self._timeout = timeout
+        if loop.get_exception_handler() is None:
+            loop.call_soon_threadsafe(loop.set_exception_handler, _quiet_lost_body_writes)
 
     async def run(self, coro: Coroutine[Any, Any, T], *, timeout: float | None = None) -> T:
         """Await ``coro`` on the asyncio loop; cancel it there if this task is cancelled.

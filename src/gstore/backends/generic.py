@@ -28,6 +28,7 @@ from gstore.backends.base import (
     posix_name_problem,
 )
 from gstore.backends.bridge import AsyncioBridge
+from gstore.backends.filebody import FileRegion
 from gstore.errors import BackendError, as_backend_error
 
 if TYPE_CHECKING:
@@ -197,7 +198,7 @@ class FsspecBackend(NoHealth):
     async def put_bytes(
         self,
         path: str,
-        data: bytes,
+        data: bytes | FileRegion,
         *,
         content_type: str | None = None,
         metadata: Mapping[str, str] | None = None,
@@ -208,6 +209,9 @@ class FsspecBackend(NoHealth):
         # precondition is refused rather than dropped (it could lose a change).
         self.capabilities.require_preconditions(
             f"put {path}", self.display, if_match=if_match, if_none_match=if_none_match)
+        if isinstance(data, FileRegion):
+            # fsspec takes bytes and checks no digest: read them here, checked against the MD5.
+            data = await trio.to_thread.run_sync(data.read_verified)
         await self._do("pipe_file", self._full(path), data)
         return await self.stat(path)
 
@@ -283,7 +287,7 @@ class FsspecBackend(NoHealth):
     ) -> str:
         raise not_supported("multipart", f"start multipart upload of {path}", self.display)
 
-    async def upload_part(self, path: str, upload_id: str, number: int, data: bytes) -> UploadedPart:
+    async def upload_part(self, path: str, upload_id: str, number: int, data: bytes | FileRegion) -> UploadedPart:
         raise not_supported("multipart", f"upload part {number} of {path}", self.display)
 
     async def copy_part(

@@ -66,6 +66,7 @@ from gstore.backends.base import (
     StorageBackend,
     UploadedPart,
 )
+from gstore.backends.filebody import FileRegion
 from gstore.errors import BackendError, classify
 
 if TYPE_CHECKING:
@@ -397,7 +398,7 @@ class ResilientBackend:
     async def put_bytes(
         self,
         path: str,
-        data: bytes,
+        data: bytes | FileRegion,
         *,
         content_type: str | None = None,
         metadata: Mapping[str, str] | None = None,
@@ -458,7 +459,7 @@ class ResilientBackend:
         return await self._once("start_multipart", self._inner.start_multipart, (path,),
                                 {"content_type": content_type, "metadata": metadata})
 
-    async def upload_part(self, path: str, upload_id: str, number: int, data: bytes) -> UploadedPart:
+    async def upload_part(self, path: str, upload_id: str, number: int, data: bytes | FileRegion) -> UploadedPart:
         self._require("multipart", f"upload part {number} of {path}")
         return await self._once("upload_part", self._inner.upload_part, (path, upload_id, number, data), {})
 

@@ -50,7 +50,10 @@ DENSE_PARALLEL = 4  # GETs one background fill has in flight (within the prefetc
 # of CPU (signing, a connection, a wake-up of the trio thread), so fewer, larger
 # GETs keep a cold stream at the wire; the prefetch slots shrink in proportion, so
 # the bytes in flight (the memory bound) stay what they were with one block each.
-FETCH_RUN = 16 * 1024 * 1024
+FETCH_RUN = 8 * 1024 * 1024
+#: Readahead bytes in flight at most, mount-wide (each one is held twice for a moment: the
+#: HTTP body's chunks and the joined run), the daemon's memory bound on cold reads.
+PREFETCH_BYTES = 24 * 1024 * 1024
 
 
 def object_cache_key(backend_key: str, identity: str) -> str:
@@ -112,9 +115,9 @@ class BlockReader:
         # Prefetch may use at most this many of the fetch slots, so demand reads
         # of another program are never stuck behind someone's readahead; each slot
         # carries a run of up to _run_blocks blocks.
-        self._prefetch_limiter = trio.CapacityLimiter(
-            max(2, fetch_concurrency * 3 // 4 // self._run_blocks) if self._run_blocks > 1
-            else max(1, fetch_concurrency * 3 // 4))
+        by_slots = max(1, fetch_concurrency * 3 // 4)
+        by_bytes = max(2, PREFETCH_BYTES // (self._run_blocks * block_size))
+        self._prefetch_limiter = trio.CapacityLimiter(min(by_slots, by_bytes))
         self._inflight: dict[tuple[str, int], _Fetch] = {}
         # Blocks whose fetch just failed for good (retries spent): the kernel retries a
         # failed read at once with a smaller request, which must not cost a second

@@ -153,9 +153,11 @@ class ControlFiles:
             assert job.request.poll is not None
             with trio.move_on_after(job.request.poll):
                 await job.done.wait()
+        if offset != 0 and handle.content is not None:
+            return  # the rest of the answer the read at offset 0 gave: one document, never two halves
         if job.verdict is not None:
             handle.content = _json(job.verdict)
-        elif offset == 0 or handle.content is None:
+        else:
             handle.content = _json({"running": True, "ok": False, "failed": [], "files": []})
 
     async def _run_refresh(self, handle: ControlHandle) -> None:

@@ -17,14 +17,23 @@ the owner, :class:`gstore.write.pending.PendingFiles`). Decisions:
 * the result is verified (ETag = MD5 for single PUTs, size by HEAD after
   multipart) before anyone may drop the local copy.
 
+Memory: a body larger than ``INLINE_READ_LIMIT`` is never held whole. It is
+hashed in one pass over the staging file (a worker thread) and handed to the
+backend as a :class:`~gstore.backends.filebody.FileRegion`, which the backend
+reads in small chunks while it sends, with the MD5 of the hashing pass as
+Content-MD5: a request in flight costs a few hundred KiB whatever the part size
+(a whole-part ``bytes`` cost about twice the part in RSS, with the HTTP stack's
+copy). Should the file change between the pass and the send, the server refuses
+the body (or, where it ignores Content-MD5, the ETag check below fails): bytes
+nobody hashed are never confirmed.
+
 Concurrency: many uploads run at once (the scheduler bounds how many files);
 their multipart parts share one mount-wide limiter of ``part_concurrency``
-parts in flight, and the parts sent from here share a byte budget
-(``PART_BYTES_IN_FLIGHT``), which bounds the memory they take whatever the part
-size and the number of uploads. Reading a part and hashing it run together in a worker thread, never on
-the trio thread (only a file of at most ``INLINE_READ_LIMIT`` bytes, just written
-and so in the page cache, is read there); a part's bytes are read only once a
-slot is free.
+parts in flight. Hashing runs in a worker thread, never on the trio thread (only
+a file of at most ``INLINE_READ_LIMIT`` bytes, just written and so in the page
+cache, is read there); a part is hashed only once its slot is free, and parts of
+one upload are hashed one after another (the whole object's MD5 is built in
+part order).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import trio
 
 from gstore.backends import objectmeta
 from gstore.backends.base import ObjectInfo, StorageBackend, UploadedPart
+from gstore.backends.filebody import FileRegion
 from gstore.errors import BackendError
 from gstore.errors import classify
 from gstore.virtual.content_type import guess_mimetype
@@ -54,40 +64,6 @@ SINGLE_PUT_LIMIT = 8 * 1024 * 1024
 INLINE_READ_LIMIT = 64 * 1024
 #: Parts of multipart uploads in flight mount-wide (boto3's upload_file uses 10 threads).
 DEFAULT_PART_CONCURRENCY = 8
-#: Bytes of parts read from staging files and not yet sent, mount-wide. Each part sent
-#: costs about twice its size in RSS while in flight (its bytes, plus asyncio's copy of
-#: what the socket has not taken yet), so this bounds upload memory at about 64 MiB
-#: (measured: 8 parts of 8 MiB in flight took the daemon from 67 to 199 MiB).
-PART_BYTES_IN_FLIGHT = 32 * 1024 * 1024
-
-
-class ByteBudget:
-    """A mount-wide bound on bytes held at once (trio thread only).
-
-    ``acquire(n)`` waits until ``n`` bytes (at most the whole budget) are free.
-    Waiters are served one at a time in arrival order (``_turn``), so a large
-    request is never starved by small ones and two uploads never each hold half.
-    """
-
-    def __init__(self, total: int) -> None:
-        self.total = max(1, total)
-        self.free = self.total
-        self._turn = trio.Lock()
-        self._released = trio.Event()
-
-    async def acquire(self, nbytes: int) -> int:
-        """Take ``nbytes`` (capped at the budget); returns what to give back to :meth:`release`."""
-        nbytes = min(nbytes, self.total)
-        async with self._turn:
-            while self.free < nbytes:
-                await self._released.wait()
-            self.free -= nbytes  # no await between the check and this line
-        return nbytes
-
-    def release(self, nbytes: int) -> None:
-        self.free += nbytes
-        self._released.set()
-        self._released = trio.Event()
 
 
 class ConflictPolicy(str, Enum):
@@ -138,7 +114,6 @@ class Uploader:
         self._ensure_local = ensure_local
         self.policy = policy
         self._part_limiter = trio.CapacityLimiter(max(1, part_concurrency))
-        self._part_bytes = ByteBudget(PART_BYTES_IN_FLIGHT)  # parts read and not yet sent
         self.create_check = CreateCheck(backend)
         self.heads_skipped = 0  # new files sent without a HEAD first (status, tests)
 
@@ -179,29 +154,25 @@ class Uploader:
             info = await self.backend.put_local_file(target, str(staged.data_path))
             md5 = None
         elif not copy_parts and size <= SINGLE_PUT_LIMIT:
-            # Bytes held until sent: under the same budget as parts (8 uploads of 8 MiB at once).
-            held = await self._part_bytes.acquire(size) if size > INLINE_READ_LIMIT else 0
+            body: bytes | FileRegion
+            if size <= INLINE_READ_LIMIT:
+                # Just written, so in the page cache: a pread is cheaper than a thread hop.
+                body, md5 = self._read_hashed(staged, 0, size)
+            else:
+                body = await trio.to_thread.run_sync(FileRegion.hashed, str(staged.data_path), 0, size)
+                md5 = body.md5_hex
             try:
-                if size <= INLINE_READ_LIMIT:
-                    # Just written, so in the page cache: a pread is cheaper than a thread hop.
-                    data, md5 = self._read_hashed(staged, 0, size)
-                else:
-                    data, md5 = await trio.to_thread.run_sync(self._read_hashed, staged, 0, size)
-                try:
-                    info = await self.backend.put_bytes(target, data, content_type=content_type, metadata=metadata,
-                                                        if_match=if_match, if_none_match=if_none_match)
-                except OSError as exc:
-                    if not (optimistic and classify(exc)[0] == errno.ESTALE):
-                        raise
-                    # Something is at the path after all: decide as if the HEAD had found it.
-                    log.info("%s: the backend already has an object there; checking it", path)
-                    target, if_match, if_none_match, theirs = await self._resolve_conflict(staged)
-                    content_type = staged.content_type or content_type_for(target)
-                    info = await self.backend.put_bytes(target, data, content_type=content_type, metadata=metadata,
-                                                        if_match=if_match, if_none_match=if_none_match)
-            finally:
-                if held:
-                    self._part_bytes.release(held)
+                info = await self.backend.put_bytes(target, body, content_type=content_type, metadata=metadata,
+                                                    if_match=if_match, if_none_match=if_none_match)
+            except OSError as exc:
+                if not (optimistic and classify(exc)[0] == errno.ESTALE):
+                    raise
+                # Something is at the path after all: decide as if the HEAD had found it.
+                log.info("%s: the backend already has an object there; checking it", path)
+                target, if_match, if_none_match, theirs = await self._resolve_conflict(staged)
+                content_type = staged.content_type or content_type_for(target)
+                info = await self.backend.put_bytes(target, body, content_type=content_type, metadata=metadata,
+                                                    if_match=if_match, if_none_match=if_none_match)
             if info.etag and "-" not in info.etag and info.etag != md5:
                 raise BackendError(errno.EIO, f"upload of {target}: ETag {info.etag} is not the MD5 {md5} "
                                    "of what was sent", transient=True)
@@ -221,15 +192,6 @@ class Uploader:
         """Bytes of the staging file and their MD5 (in a worker thread, or inline when small)."""
         data = StagingArea.read_local(staged, start, length)
         return data, hashlib.md5(data).hexdigest()
-
-    @staticmethod
-    def _read_part(staged: StagedFile, start: int, length: int, whole: hashlib._Hash | None) -> bytes:
-        """One part's bytes, added to the whole object's MD5 (in a worker thread; parts are
-        read one after another, so ``whole`` is only ever used by one thread at a time)."""
-        data = StagingArea.read_local(staged, start, length)
-        if whole is not None:
-            whole.update(data)
-        return data
 
     def _attributes_only(self, staged: StagedFile, target: str) -> bool:
         """Nothing but attributes changed: the object's bytes need not move.
@@ -336,18 +298,15 @@ class Uploader:
                         nursery.start_soon(self._copy_part, staged, target, upload_id, number, start, end,
                                            results, slot)
                         continue
-                    held = 0
                     try:
-                        # Read only once the mount-wide byte budget has room (bounded memory).
-                        held = await self._part_bytes.acquire(end - start)
-                        data = await trio.to_thread.run_sync(self._read_part, staged, start, end - start, md5)
+                        # Hashed here, in part order, so ``md5`` (the whole object's) is fed by
+                        # one thread at a time; the sender streams the bytes (bounded memory).
+                        region = await trio.to_thread.run_sync(
+                            FileRegion.hashed, str(staged.data_path), start, end - start, md5)
                     except BaseException:
-                        if held:
-                            self._part_bytes.release(held)
                         self._part_limiter.release_on_behalf_of(slot)
                         raise
-                    nursery.start_soon(self._send_part, target, upload_id, number, data, results, slot, held)
-                    del data  # the sender holds the only reference: freed once sent
+                    nursery.start_soon(self._send_part, target, upload_id, number, region, results, slot)
             await backend.complete_multipart(target, upload_id, results, if_match=if_match,
                                              if_none_match=if_none_match)
         except BaseException:
@@ -364,12 +323,11 @@ class Uploader:
                                transient=True)
         return info, md5.hexdigest() if md5 is not None else None
 
-    async def _send_part(self, target: str, upload_id: str, number: int, data: bytes,
-                         results: list[UploadedPart], slot: object, held: int) -> None:
+    async def _send_part(self, target: str, upload_id: str, number: int, region: FileRegion,
+                         results: list[UploadedPart], slot: object) -> None:
         try:
-            results.append(await self.backend.upload_part(target, upload_id, number, data))
+            results.append(await self.backend.upload_part(target, upload_id, number, region))
         finally:
-            self._part_bytes.release(held)
             self._part_limiter.release_on_behalf_of(slot)
 
     async def _copy_part(self, staged: StagedFile, target: str, upload_id: str, number: int,
