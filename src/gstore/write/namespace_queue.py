@@ -119,7 +119,6 @@ class NamespaceQueue:
         self._listeners: list[Callable[[Settled], None]] = []
         #: The last settled changes that were not applied as asked (conflicts, refusals).
         self.problems: list[Settled] = []
-        self.problem_count = 0  # all of them, ever (``problems`` keeps the last 100)
         self._unreported: list[Settled] = []  # not yet told to a `gstore flush`
         self.applied = 0
         self.last_error: str | None = None
@@ -278,7 +277,6 @@ class NamespaceQueue:
             log.info("queued %s of %s applied (%s)", change.describe(), change.path, detail)
         else:
             self.problems = (self.problems + [settled])[-100:]
-            self.problem_count += 1
             self._unreported = (self._unreported + [settled])[-1000:]
             log.warning("queued %s of %s not applied: %s", change.describe(), change.path, detail)
         for callback in self._listeners:

@@ -223,16 +223,20 @@ class PendingFiles:
             staged = await self._stage(path, await current(), truncate=truncate)
             staged.writers += 1
         else:
-            # Claimed before any await: an upload finishing meanwhile must not retire it.
-            staged.writers += 1
-            if truncate:
-                try:
-                    await self._truncate(staged, 0)
-                except BaseException:
-                    staged.writers -= 1
-                    raise
+            await self._claim_staged(staged, truncate=truncate)
         self.scheduler.cancel(staged.id, running=False)
         return staged
+
+    async def _claim_staged(self, staged: StagedFile, *, truncate: bool) -> None:
+        """A writer takes an existing staged file (lock held); with ``truncate``, empties it.
+        Claimed before any await: an upload finishing meanwhile must not retire it."""
+        staged.writers += 1
+        if truncate:
+            try:
+                await self._truncate(staged, 0)
+            except BaseException:
+                staged.writers -= 1
+                raise
 
     async def create(self, path: str, mode: int, current: Callable[[], Awaitable[ObjectInfo | None]], *,
                      exclusive: bool, truncate: bool, owner: tuple[int, int] | None = None) -> StagedFile:
@@ -241,14 +245,7 @@ class PendingFiles:
         if staged is not None:
             if exclusive:
                 raise OSError(errno.EEXIST, "File exists", path)
-            # Claimed before any await: an upload finishing meanwhile must not retire it.
-            staged.writers += 1
-            if truncate:
-                try:
-                    await self._truncate(staged, 0)
-                except BaseException:
-                    staged.writers -= 1
-                    raise
+            await self._claim_staged(staged, truncate=truncate)
         else:
             existing = await current()
             if existing is not None:
