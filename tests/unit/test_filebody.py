@@ -153,6 +153,42 @@ def test_s3_streams_a_region_with_its_content_md5(s3_server: Any, bucket: str, t
     assert _open_fds_to(path) == 0, "every reader is closed when its request ends"
 
 
+def test_s3_hashes_an_uploaded_body_once(s3_server: Any, bucket: str, tmp_path: Path) -> None:
+    """Content-MD5 only: no body SHA-256 for the signature, no extra CRC32 pass.
+
+    botocore's defaults would hash every uploaded byte twice more on the asyncio
+    thread; the signed Content-MD5 already binds the body to the request.
+    """
+    path = tmp_path / "staging.data"
+    _write(path, 6 * MiB)
+    sent: list[dict[str, str]] = []
+
+    def before_send(request: Any, **_: Any) -> None:
+        if request.method == "PUT":
+            sent.append({k.lower(): (v.decode() if isinstance(v, bytes) else v) for k, v in request.headers.items()})
+
+    async def main() -> None:
+        backend = _s3_backend(s3_server, bucket)
+        await backend.probe()
+        s3 = await backend.inner._bridge.run(backend.inner._fs.get_s3(bucket))
+        s3.meta.events.register("before-send.s3", before_send)
+        region = await trio.to_thread.run_sync(FileRegion.hashed, str(path), 0, 6 * MiB)
+        await backend.put_bytes("once.bin", region)
+        upload_id = await backend.start_multipart("parts.bin")
+        part = await trio.to_thread.run_sync(FileRegion.hashed, str(path), 0, 5 * MiB)
+        etag = await backend.upload_part("parts.bin", upload_id, 1, part)
+        await backend.complete_multipart("parts.bin", upload_id, [etag], if_none_match=True)
+        await backend.aclose()
+
+    trio.run(main)
+    assert len(sent) == 2
+    for headers in sent:
+        assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+        assert "content-md5" in headers and "content-md5" in headers["authorization"], "Content-MD5 is signed"
+        assert not [k for k in headers if k.startswith("x-amz-checksum-") or k == "x-amz-sdk-checksum-algorithm"]
+    assert s3_server.client().get_object(Bucket=bucket, Key="once.bin")["Body"].read() == path.read_bytes()
+
+
 def test_s3_refuses_a_part_that_changed_after_hashing(s3_server: Any, bucket: str, tmp_path: Path) -> None:
     path = tmp_path / "staging.data"
     _write(path, 6 * MiB)

@@ -65,6 +65,7 @@ def make_backend(
 
         # gstore keeps its own bounded metadata cache; s3fs's would duplicate it unbounded.
         opts.setdefault("use_listings_cache", False)
+        opts["config_kwargs"] = _s3_hashing_defaults(dict(opts.get("config_kwargs") or {}))
         if resilient:
             # One attempt per call in s3fs and botocore: gstore retries (bounded) itself.
             config_kwargs = dict(opts.get("config_kwargs") or {})
@@ -93,6 +94,26 @@ def make_backend(
     return ResilientBackend(inner, resilience_policy(
         request_timeout, retries=retries, breaker_threshold=breaker_threshold, breaker_cooldown=breaker_cooldown,
     ))
+
+
+def _s3_hashing_defaults(config_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Hash each uploaded byte once, not three times.
+
+    gstore sends a Content-MD5 with every body it uploads (PutObject, UploadPart;
+    see backends/s3.py), which S3 verifies and which is a signed header. By
+    default botocore would also compute a CRC32 checksum of the body
+    (``request_checksum_calculation="when_supported"``) and, over plain http,
+    a SHA-256 of the body for the signature: two more passes over every byte,
+    on the asyncio thread. Neither adds protection here: the signed Content-MD5
+    already binds the body to the signature, exactly the condition under which
+    botocore itself skips body signing over https. Operations whose checksum the
+    service requires (DeleteObjects) still get one. A user's own settings win.
+    """
+    config_kwargs.setdefault("request_checksum_calculation", "when_required")
+    s3_config = dict(config_kwargs.get("s3") or {})
+    s3_config.setdefault("payload_signing_enabled", False)
+    config_kwargs["s3"] = s3_config
+    return config_kwargs
 
 
 def resilience_policy(
