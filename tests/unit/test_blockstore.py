@@ -366,7 +366,7 @@ def test_truncated_block_found_at_startup(tmp_path):
 
 def test_flipped_byte_in_previous_run_caught_by_crc(tmp_path):
     data = bytes(range(256)) * 4
-    store = BlockStore(tmp_path, 10_000)
+    store = BlockStore(tmp_path, 10_000, boot_id=lambda: "boot-1")
     store.put(A, 0, data)
     store.put(A, 1, data)
     store.close()
@@ -375,7 +375,7 @@ def test_flipped_byte_in_previous_run_caught_by_crc(tmp_path):
     raw[500] ^= 0x01
     path.write_bytes(bytes(raw))
 
-    again = BlockStore(tmp_path, 10_000)
+    again = BlockStore(tmp_path, 10_000, boot_id=lambda: "boot-2")  # after a reboot: all checked
     assert again.read(A, 0, 0, 4, len(data)) is None  # the flip is far from the range read
     assert not path.exists() and not again.contains(A, 0)
     assert again.stats().corrupt == 1
@@ -623,8 +623,13 @@ class BlockStoreMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="blockstore-model-"))
         self.capacity = 100
-        self.store = BlockStore(self.dir, self.capacity)
+        self.boot = 0
+        self.store = self._open()
         self.model: dict[tuple[str, int], bytes] = {}
+
+    def _open(self) -> BlockStore:
+        boot = f"boot-{self.boot}"
+        return BlockStore(self.dir, self.capacity, boot_id=lambda: boot)
 
     def teardown(self) -> None:
         self.store.close()
@@ -667,11 +672,22 @@ class BlockStoreMachine(RuleBasedStateMachine):
             del self.model[mk]
         assert not any(self.store.contains(k, i) for i in range(4))
 
-    @rule(capacity=st.sampled_from([40, 100, 200]))
-    def reopen(self, capacity):
+    @rule(capacity=st.sampled_from([40, 100, 200]), reboot=st.booleans())
+    def reopen(self, capacity, reboot):
         self.store.close()
         self.capacity = capacity
-        self.store = BlockStore(self.dir, capacity)
+        self.boot += reboot
+        self.store = self._open()
+
+    @rule()
+    def kill_and_restart(self):
+        """kill -9: no close(), so no marker and no LRU order written; the fds die with it."""
+        with self.store._lock:  # noqa: SLF001
+            for handle in self.store._open.values():  # noqa: SLF001
+                os.close(handle.fd)
+            self.store._open.clear()  # noqa: SLF001
+            self.store._closed = True  # noqa: SLF001
+        self.store = self._open()
 
     @invariant()
     def bounded_and_consistent(self):
@@ -681,6 +697,7 @@ class BlockStoreMachine(RuleBasedStateMachine):
         assert sum(files.values()) == s.used_bytes
         assert len(files) == s.blocks
         assert temp_files(self.dir) == []
+        assert list(self.dir.glob(".tmp.*")) == []  # no marker temp file left in the root
         for k in MODEL_KEYS:
             for i in range(4):
                 if self.store.contains(k, i):

@@ -8,7 +8,8 @@ outside the prefix whatever a caller passes in.
 The vocabulary is split by what the callers use it for:
 
 * :class:`ReadingBackend`: probe, stat, head, list_dir, walk, read_range,
-  cache_key, aclose (plus ``display``, ``cache_namespace``, ``capabilities``);
+  read_range_into, cache_key, aclose (plus ``display``, ``cache_namespace``,
+  ``capabilities``);
 * :class:`WritingBackend`: put_bytes, put_local_file, delete, copy, copy_object,
   make_dir, remove_dir_marker;
 * :class:`MultipartBackend`: part_size, min_copy_part, start_multipart,
@@ -27,6 +28,7 @@ Callers decide from the capabilities, never by probing attributes.
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -266,8 +268,79 @@ class ReadingBackend(Protocol):
         """
         ...
 
+    async def read_range_into(
+        self, path: str, start: int, end: int, expect: ObjectInfo, sink: RangeSink
+    ) -> None:
+        """Bytes ``[start, end)`` of the version ``expect`` describes, handed to ``sink`` as they arrive.
+
+        For reads whose bytes go to disk, not to the caller (readahead): no body is
+        ever held whole in memory or joined, so the memory a GET costs is its
+        receive buffer, whatever its size. Returns once exactly ``end - start``
+        bytes were written to ``sink``; otherwise raises, like :meth:`read_range`
+        (a body cut short is a transient ``EIO``). Either way no ``sink.write``
+        call happens after this returns or raises (see :class:`SinkGate`): the
+        caller owns the sink again, e.g. to discard a partial block.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Release connections."""
+
+
+@runtime_checkable
+class RangeSink(Protocol):
+    """Where :meth:`ReadingBackend.read_range_into` puts the bytes of a range as they arrive.
+
+    Concurrency contract: ``write`` receives consecutive pieces of the range, in
+    order, one call at a time, but from whichever thread receives them (S3: the
+    asyncio loop thread; fsspec: a worker thread), so it must not touch trio
+    state (hand results over with ``TrioToken.run_sync_soon``). It may block
+    briefly (a disk write): it holds up that thread's other requests meanwhile.
+    A piece may be a memoryview valid only during the call.
+    """
+
+    def write(self, piece: bytes | memoryview) -> None:
+        """Take the next piece of the range."""
+
+
+class SinkClosedError(Exception):
+    """A piece arrived for a sink whose read was already given up (see :class:`SinkGate`)."""
+
+
+class SinkGate:
+    """Forwards pieces to a sink until :meth:`close`; none gets through after close() returns.
+
+    Why: a request the trio side gives up (timeout, cancellation) is cancelled on
+    the asyncio loop *asynchronously* (see ``AsyncioBridge.run``), so the loop may
+    still deliver a piece after the trio task moved on to a retry or to discarding
+    the partial block. The lock makes close() wait for a write in progress (one
+    piece: a disk write of at most a few hundred KiB), so whoever closed the gate
+    owns the sink from then on; a later write raises :class:`SinkClosedError`
+    into the abandoned request, which stops it.
+    """
+
+    __slots__ = ("_sink", "_lock", "_open")
+
+    def __init__(self, sink: RangeSink) -> None:
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._open = True
+
+    def write(self, piece: bytes | memoryview) -> None:
+        with self._lock:
+            if not self._open:
+                raise SinkClosedError("the read this piece belongs to was given up")
+            self._sink.write(piece)
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
+
+
+def feed_sink(sink: RangeSink, data: bytes | memoryview) -> None:
+    """Hand bytes read whole to a sink: ``read_range_into`` for backends that cannot stream."""
+    if len(data):
+        sink.write(memoryview(data))
 
 
 @runtime_checkable

@@ -21,8 +21,10 @@ from gstore.backends.base import (
     Listing,
     NoHealth,
     ObjectInfo,
+    RangeSink,
     UploadedPart,
     check_relative_path,
+    feed_sink,
     join_key,
     not_supported,
     posix_name_problem,
@@ -179,6 +181,16 @@ class FsspecBackend(NoHealth):
                 errno.EIO, f"short read of {path} [{start}, {end}): got {len(data)} bytes", transient=True
             )
         return bytes(data)
+
+    async def read_range_into(
+        self, path: str, start: int, end: int, expect: ObjectInfo, sink: RangeSink
+    ) -> None:
+        """``read_range``, then the bytes handed to ``sink`` in a worker thread (a sink writes
+        to disk). fsspec has no common streaming call: this saves no memory, only keeps
+        the protocol whole. The thread is waited for even when cancelled, so no write
+        follows the return."""
+        data = await self.read_range(path, start, end, expect)
+        await trio.to_thread.run_sync(feed_sink, sink, data)
 
     async def aclose(self) -> None:
         return None

@@ -6,12 +6,15 @@ passes the inner backend's ``capabilities`` through: a call the backend does
 not support fails with ``ENOTSUP`` here, before the breaker or the counters
 see it.
 
-* **Reads retry.** ``stat``, ``head``, ``read_range``, ``list_dir`` and
-  ``walk`` are side-effect free: a *transient* failure (timeout, 5xx,
-  throttling, a connection reset, a truncated body) is retried with
-  exponential backoff and full jitter, up to ``retries`` times, all within one
-  deadline per operation (``--request-timeout``). Each attempt of ``stat``,
-  ``head`` and ``read_range`` gets at most half of that deadline, so a backend
+* **Reads retry.** ``stat``, ``head``, ``read_range``, ``read_range_into``,
+  ``list_dir`` and ``walk`` are side-effect free: a *transient* failure
+  (timeout, 5xx, throttling, a connection reset, a truncated body) is retried
+  with exponential backoff and full jitter, up to ``retries`` times, all within
+  one deadline per operation (``--request-timeout``); a retry of
+  ``read_range_into`` is the same request, and the bytes its sink already
+  received are skipped, not written twice. Each
+  attempt of ``stat``, ``head`` and the two range reads gets at most half of
+  that deadline, so a backend
   that hangs on one request is tried again instead of eating the whole budget.
   When the budget is spent the operation fails with ``EIO`` (never an endless
   hang); a definite answer (not found, access denied, changed object) is
@@ -63,6 +66,7 @@ from gstore.backends.base import (
     Feature,
     Listing,
     ObjectInfo,
+    RangeSink,
     StorageBackend,
     UploadedPart,
 )
@@ -231,8 +235,8 @@ def _short(exc: BaseException) -> str:
 
 
 # Side-effect free operations: retried, and (the first three) bounded per attempt.
-_RETRIED = frozenset({"stat", "head", "read_range", "list_dir", "walk"})
-_PER_ATTEMPT_LIMIT = frozenset({"stat", "head", "read_range"})
+_RETRIED = frozenset({"stat", "head", "read_range", "read_range_into", "list_dir", "walk"})
+_PER_ATTEMPT_LIMIT = frozenset({"stat", "head", "read_range", "read_range_into"})
 
 
 def _no_answer(exc: BaseException) -> bool:
@@ -302,6 +306,40 @@ def _request_elapsed() -> float | None:
         return max(0.0, trio.current_time() - current[1])
     except RuntimeError:
         return None
+
+
+class _SinkProgress:
+    """The sink of one ``read_range_into`` across its attempts: each byte reaches it once.
+
+    Every attempt asks for the whole range again (the same request, as a retried
+    ``read_range``: a retry that asked for the rest would be a different request,
+    and a range is pinned to one version, so the bytes are the same); the part an
+    earlier attempt already delivered is skipped. ``delivered`` and ``_seen`` are
+    written by the thread that feeds the sink and read or reset on the trio thread
+    only before or after a backend call, when (by the protocol, see ``SinkGate``)
+    no write is running or will run: no lock needed.
+    """
+
+    __slots__ = ("_sink", "_seen", "delivered")
+
+    def __init__(self, sink: RangeSink) -> None:
+        self._sink = sink
+        self._seen = 0  # bytes of the current attempt so far
+        self.delivered = 0  # bytes passed on to the sink, all attempts together
+
+    def begin_attempt(self) -> None:
+        self._seen = 0
+
+    def write(self, piece: bytes | memoryview) -> None:
+        seen = self._seen
+        self._seen = seen + len(piece)
+        skip = self.delivered - seen
+        if skip >= len(piece):
+            return  # the sink has these bytes from an earlier attempt
+        if skip > 0:
+            piece = memoryview(piece)[skip:]
+        self._sink.write(piece)
+        self.delivered += len(piece)
 
 
 class ResilientBackend:
@@ -392,6 +430,24 @@ class ResilientBackend:
             raise BackendError(errno.EIO, f"short read of {path} [{start}, {end}): got {len(data)} bytes",
                                transient=True)
         return data
+
+    async def read_range_into(
+        self, path: str, start: int, end: int, expect: ObjectInfo, sink: RangeSink
+    ) -> None:
+        """``read_range``'s retries and deadline, for a range streamed into ``sink``; a retry
+        passes on only the bytes the sink has not had yet (see :class:`_SinkProgress`)."""
+        progress = _SinkProgress(sink)
+        await self._retrying("read_range_into", self._streamed_read, (path, start, end, expect, progress), {})
+
+    async def _streamed_read(self, path: str, start: int, end: int, expect: ObjectInfo,
+                             progress: _SinkProgress) -> None:
+        """One attempt of ``read_range_into``."""
+        progress.begin_attempt()
+        await self._inner.read_range_into(path, start, end, expect, progress)
+        if progress.delivered != max(0, end - start):
+            # A body cut short must never become a block: retried like a reset.
+            raise BackendError(errno.EIO, f"short read of {path} [{start}, {end}): got "
+                               f"{progress.delivered} bytes", transient=True)
 
     # -- writing: one attempt each, counted by the breaker ---------------------------------
 

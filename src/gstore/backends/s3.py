@@ -15,10 +15,11 @@ import errno
 import logging
 import stat
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import trio
 
 from gstore.backends import objectmeta
@@ -27,6 +28,9 @@ from gstore.backends.base import (
     Listing,
     NoHealth,
     ObjectInfo,
+    RangeSink,
+    SinkClosedError,
+    SinkGate,
     UploadedPart,
     check_relative_path,
     join_key,
@@ -82,6 +86,82 @@ def redact_url(url: str) -> str:
             host = f"{host}:{parts.port}"
         return urlunsplit((parts.scheme, host, parts.path, "", ""))
     return url
+
+
+# -- streamed ranged GETs (read_range_into) --------------------------------------------
+
+#: aiohttp's read buffer for a streamed GET: reading pauses (TCP pushes back on the
+#: server) once twice this much is received and not yet written to the sink. The
+#: memory one readahead GET costs, whatever the size of its range; large enough that
+#: the pause/resume pair of syscalls is rare while the sink keeps up.
+STREAM_BUFFER = 1024 * 1024
+#: Piece size when the body is not an aiohttp stream (another HTTP client in aiobotocore).
+STREAM_PIECE = 256 * 1024
+
+
+def _read_error(exc: BaseException, path: str, kwargs: dict[str, Any]) -> OSError:
+    """A failed GET as the OSError callers expect: ESTALE (the version is gone) or classified."""
+    if isinstance(exc, SinkClosedError):
+        # Only the abandoned request itself sees this, never a caller: nothing to classify.
+        given_up = BackendError(errno.ECANCELED, f"get_object {kwargs['Key']}: given up")
+        given_up.__cause__ = exc
+        return given_up
+    if classify(exc)[0] == errno.ESTALE:
+        stale = StaleObjectError(f"{path} changed on the backend while open")
+        stale.__cause__ = exc
+        return stale
+    return as_backend_error(exc, f"get_object {kwargs['Key']} {kwargs['Range']}")
+
+
+def _check_length(path: str, start: int, end: int, got: int) -> None:
+    """A body shorter than the range asked for is a transient EIO: retried, never cached."""
+    if got != end - start:
+        raise BackendError(
+            errno.EIO,
+            f"short read of {path} [{start}, {end}): got {got} bytes",
+            transient=True,
+        )
+
+
+async def _stream_body(fs: Any, bucket: str, kwargs: dict[str, Any], sink: RangeSink, length: int) -> int:
+    """On the asyncio loop: GET ``kwargs`` and write each piece of the body to ``sink``.
+
+    Returns the number of bytes written. Pieces are aiohttp's own ``bytes`` objects
+    (one per socket read, up to 256 KiB), passed on uncopied: ``readchunk`` hands
+    out a buffered chunk whole, where ``read()`` would join them all into one body.
+    A body longer than asked for fails before its surplus reaches the sink.
+    """
+    response = await fs._call_s3("get_object", Bucket=bucket, **kwargs)
+    body = response["Body"]
+    try:
+        next_piece = _piece_reader(body)
+        got = 0
+        while piece := await next_piece():
+            got += len(piece)
+            if got > length:
+                raise BackendError(errno.EIO, f"get_object {kwargs['Key']}: body longer than the "
+                                   f"{length} bytes asked for", transient=True)
+            sink.write(piece)
+        return got
+    finally:
+        body.close()
+
+
+def _piece_reader(body: Any) -> Callable[[], Awaitable[bytes]]:
+    """A coroutine function returning the body's next piece as received, b"" at its end."""
+    content = getattr(getattr(body, "raw_stream", None), "content", None)
+    if not isinstance(content, aiohttp.StreamReader):
+        return lambda: body.read(STREAM_PIECE)  # type: ignore[no-any-return]
+    content.set_read_chunk_size(STREAM_BUFFER)  # the flow-control window (see STREAM_BUFFER)
+
+    async def next_piece() -> bytes:
+        while True:
+            piece, end_of_http_chunk = await content.readchunk()
+            if piece or not end_of_http_chunk:
+                return piece  # b"" with end_of_http_chunk False: the end of the body
+            # b"" at a chunked-encoding boundary: not the end, read on
+
+    return next_piece
 
 
 # -- writes ------------------------------------------------------------------------
@@ -659,24 +739,39 @@ class S3Backend(S3Writes, NoHealth):
     async def read_range(self, path: str, start: int, end: int, expect: ObjectInfo) -> bytes:
         if end <= start:
             return b""
+        kwargs = self._get_kwargs(path, start, end, expect)
+        try:
+            data = await self._bridge.run(self._get_body(kwargs))
+        except Exception as exc:  # noqa: BLE001 - backends raise OSError only
+            raise _read_error(exc, path, kwargs)  # noqa: B904 - the cause is kept on the error
+        _check_length(path, start, end, len(data))
+        return data
+
+    async def read_range_into(
+        self, path: str, start: int, end: int, expect: ObjectInfo, sink: RangeSink
+    ) -> None:
+        """The ranged GET of ``read_range``, its body handed to ``sink`` piece by piece as
+        aiohttp receives it (see :func:`_stream_body`): no join, no second buffer."""
+        if end <= start:
+            return
+        kwargs = self._get_kwargs(path, start, end, expect)
+        gate = SinkGate(sink)
+        try:
+            got = await self._bridge.run(_stream_body(self._fs, self.bucket, kwargs, gate, end - start))
+        except Exception as exc:  # noqa: BLE001 - backends raise OSError only
+            raise _read_error(exc, path, kwargs)  # noqa: B904 - the cause is kept on the error
+        finally:
+            gate.close()  # a request given up may still be running on the loop: it writes no more
+        _check_length(path, start, end, got)
+
+    def _get_kwargs(self, path: str, start: int, end: int, expect: ObjectInfo) -> dict[str, Any]:
+        """GetObject arguments for ``[start, end)``, pinned to the version the handle opened."""
         kwargs: dict[str, Any] = {"Key": self.key_of(path), "Range": f"bytes={start}-{end - 1}"}
         if expect.version_id and expect.version_id != "null":
             kwargs["VersionId"] = expect.version_id
         elif expect.etag:
             kwargs["IfMatch"] = f'"{expect.etag}"'
-        try:
-            data = await self._bridge.run(self._get_body(kwargs))
-        except Exception as exc:  # noqa: BLE001 - backends raise OSError only
-            if classify(exc)[0] == errno.ESTALE:
-                raise StaleObjectError(f"{path} changed on the backend while open") from exc
-            raise as_backend_error(exc, f"get_object {kwargs['Key']} {kwargs['Range']}")
-        if len(data) != end - start:
-            raise BackendError(
-                errno.EIO,
-                f"short read of {path} [{start}, {end}): got {len(data)} bytes",
-                transient=True,
-            )
-        return data
+        return kwargs
 
     async def _get_body(self, kwargs: dict[str, Any]) -> bytes:
         response = await self._fs._call_s3("get_object", Bucket=self.bucket, **kwargs)

@@ -7,10 +7,42 @@ Each block is one file::
 The object key is an opaque hex digest chosen by the caller (a new version of a
 remote object has a new key, so the store never deals with staleness). The
 CRC32 in the name lets a restart rebuild the index with one directory scan and
-no sidecar file: the blocks found at startup are *unverified* and their CRC is
-checked on their first read. Blocks written by this process are trusted. Every
-read also checks that the file has exactly the length the caller expects, which
-catches a block torn by a power loss (no fsync is done).
+no per-block sidecar: a block found at startup is *unverified* (its CRC is
+checked on its first read, which reads the whole file) unless the trust marker
+vouches for it (below). Blocks written by this process are trusted. Every
+read, trusted or not, also checks that the file has exactly the length the
+caller expects, which catches a block cut short by a power loss (no fsync is
+done).
+
+Trust across restarts: a put writes its temp file completely and only then
+renames it into place, so from the rename on the kernel's page cache holds the
+whole block until it is written back. Killing the daemon (kill -9, OOM) cannot
+tear it; only a kernel crash or a power loss can lose or tear bytes that were
+not written back, and that also changes the boot id
+(``/proc/sys/kernel/random/boot_id``). ``root/trust.json`` (0600, replaced
+atomically with a rename) is written at close() and records the boot id and
+the names of the blocks still unverified. At startup a block is trusted if
+
+* the marker's boot id is this boot's (so no crash since it was written),
+* its name is not listed as unverified, and
+* its ctime is not later than the marker's mtime: the file has not been
+  written, renamed in or touched since the marker vouched for it. This keeps
+  the marker from vouching for a block that appeared or changed after it was
+  written (a copy dropped in, a block edited in place, a block a killed run
+  wrote after the marker: those are checked, as before). Clocks only matter to
+  this extra check, never to the boot-id argument.
+
+Anything else (other boot, no marker, an unreadable or malformed one, no boot
+id on this system) verifies every block found, as before. The marker needs no
+fsync: its content only counts in the boot that wrote it, in which the page
+cache is the truth; after a crash its boot id is stale whatever survived, and
+a torn one does not parse. Nor does it need rewriting at startup: a marker
+written earlier in this boot stays correct while blocks come and go, since a
+block written since then is newer than the marker and is checked. A marker
+that cannot be written is removed (best effort), so the next start verifies
+everything. The marker's temp files (``.tmp.trust.*`` in the root) are only
+ever written by close() of the one store using the directory, so the startup
+cleanup removes any it finds (a crash in the middle of close()).
 
 Concurrency: one lock guards the in-memory index *and every rename into or out
 of a final block name*, so "the index holds (key, index) with crc C" and "the
@@ -28,7 +60,8 @@ syscalls instead of one are a third of a 4 KiB read's time on a VM), so the
 store keeps the fds of the ``max_open`` most recently read blocks open
 (:class:`_OpenBlock`). The table is guarded by the same lock as the index, and
 an fd is only ever in the table while its block is in the index under the
-same entry: whatever takes a block out of the index (eviction, replacement,
+same entry, and only for a *verified* entry (a read through the table skips the
+CRC check): whatever takes a block out of the index (eviction, replacement,
 discard, corruption) takes its fd out too, in the same critical section. A
 reader pins the fd (``users``) under the lock and preads outside it; an fd
 taken out of the table while pinned is closed by its last reader, so no
@@ -36,13 +69,25 @@ thread ever closes an fd another thread is reading (a reused fd number would
 serve another file's bytes). Closing under the lock is cheap: a removed block
 still has its ``.tmp.*`` name at that point, so the close frees no extents.
 
+Readahead: after a restart the block files are usually not in the page cache,
+and a 4 KiB-at-a-time read of a cold file waits on the disk at every kernel
+readahead window. So whenever a block's file is opened the kernel is asked to
+read all of it in the background (``POSIX_FADV_WILLNEED``), and a sequential
+reader also gets the *next* block of the object opened and advised: when a
+read opens block N at its first byte, or is the first read of a block opened
+that way, block N+1 is opened, advised and put into the fd table unpinned
+(marked ``ahead``; an unverified block's fd is closed at once, its pages stay
+cached). The disk then reads one block ahead of the reader. The table's rules
+above apply unchanged: the fd goes in under the lock only if the entry is still
+the one whose file was opened.
+
 Only one :class:`BlockStore` may use a directory at a time (the daemon holds a
 lock on its state directory).
 """
-
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -51,6 +96,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +116,13 @@ _O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_NOFOLLOW
 
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
+
+_MARKER_NAME = "trust.json"
+_MARKER_TMP_PREFIX = _TMP_PREFIX + "trust."  # in the root, next to the marker
+_MARKER_FORMAT = 1
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+_fadvise = getattr(os, "posix_fadvise", None)  # not on macOS
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", 0)
 
 # Index value: (size, crc32, verified). A plain tuple keeps 100k entries small;
 # a new tuple object is made whenever an entry changes, so "is" tells a reader
@@ -139,24 +192,117 @@ def _tmp_name() -> str:
     return _TMP_PREFIX + os.urandom(8).hex()
 
 
+def _block_name(object_key: str, index: int, crc: int) -> str:
+    return f"{object_key}.{index}.{crc:08x}"
+
+
+def _advise_willneed(fd: int) -> None:
+    """Ask the kernel to read the whole file into the page cache, without waiting for it.
+
+    Only a hint: an error (a filesystem without readahead, no fadvise) changes nothing.
+    """
+    if _fadvise is None:
+        return
+    try:
+        _fadvise(fd, 0, 0, _WILLNEED)
+    except OSError:
+        pass
+
+
+def current_boot_id() -> str | None:
+    """This boot's id (Linux), or None where it cannot be read: then nothing is trusted."""
+    try:
+        with open(_BOOT_ID_PATH, "rb") as f:
+            raw = f.read(256)
+    except OSError:
+        return None
+    value = raw.decode("ascii", "replace").strip()
+    return value or None
+
+
+@dataclass(frozen=True)
+class _Trust:
+    """What a marker written in this boot vouches for (see "Trust across restarts")."""
+
+    unverified: frozenset[str]  # block file names the marker's writer had not checked
+    written_ns: int  # the marker's mtime: a block file changed (ctime) after it is not vouched for
+
+    def vouches_for(self, name: str, ctime_ns: int) -> bool:
+        return ctime_ns <= self.written_ns and name not in self.unverified
+
+
+def _read_marker(path: str, boot_id: str | None) -> _Trust | None:
+    """The trust of the marker at ``path`` if this boot wrote it, else None (verify everything)."""
+    if boot_id is None:
+        return None
+    try:
+        fd = os.open(path, _O_READ)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("block store: cannot open %s (%s); verifying every block", path, exc)
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            written_ns = os.fstat(f.fileno()).st_mtime_ns
+            doc = json.loads(f.read())
+        names = doc["unverified"]
+        valid = (
+            doc["format"] == _MARKER_FORMAT
+            and type(doc["boot_id"]) is str
+            and type(names) is list
+            and all(type(name) is str for name in names)
+        )
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # JSON errors are ValueErrors
+        log.warning("block store: unreadable %s (%s); verifying every block", path, exc)
+        return None
+    if not valid:
+        log.warning("block store: malformed %s; verifying every block", path)
+        return None
+    if doc["boot_id"] != boot_id:
+        log.info("block store: %s was written in another boot; verifying every block", path)
+        return None
+    return _Trust(frozenset(names), written_ns)
+
+
+def _write_marker_file(path: str, tmp: str, content: bytes) -> None:
+    """Replace ``path`` with ``content`` via the 0600 temp file ``tmp`` (no fsync: see the
+    module docstring). A module function so tests can fail it."""
+    fd = os.open(tmp, _O_CREATE, _FILE_MODE)
+    try:
+        os.fchmod(fd, _FILE_MODE)  # exactly 0600 whatever the umask
+        _write_all(fd, memoryview(content))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 class _OpenBlock:
     """An fd of a block file kept open for reads (see "Open blocks" above)."""
 
-    __slots__ = ("fd", "users", "doomed")
+    __slots__ = ("fd", "users", "doomed", "ahead")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, users: int = 1, ahead: bool = False) -> None:
         self.fd = fd
-        self.users = 1  # readers between their pin and their release, under the store lock
+        self.users = users  # readers between their pin and their release, under the store lock
         self.doomed = False  # out of the table: the last user closes it
+        # Opened by readahead and not read yet: its first read reads the next block ahead.
+        # Read and cleared under the store lock.
+        self.ahead = ahead
 
 
 class BlockStore:
     """Blocks of remote objects kept on local disk, least recently used evicted first."""
 
-    def __init__(self, root: Path, capacity: int, *, max_open: int = 128) -> None:
+    def __init__(
+        self, root: Path, capacity: int, *, max_open: int = 128,
+        boot_id: Callable[[], str | None] | None = None,
+    ) -> None:
+        """``boot_id`` returns this boot's id (default :func:`current_boot_id`; tests fake it)."""
         if type(capacity) is not int or capacity <= 0:
             raise ValueError(f"block store capacity must be a positive int, not {capacity!r}")
         self._root = os.fspath(root)
+        self._boot_id = (boot_id or current_boot_id)()
         self._capacity = capacity
         self._reserved = 0
         self._lock = threading.Lock()
@@ -190,12 +336,20 @@ class BlockStore:
     def _load(self) -> None:
         """Rebuild the index from the file names: one scandir per shard, one lstat per block."""
         started = time.monotonic()
-        found: list[tuple[int, str, int, int, int]] = []  # (mtime_ns, key, index, size, crc)
+        trust = _read_marker(self._marker_path(), self._boot_id)
+        # (mtime_ns, key, index, size, crc, trusted)
+        found: list[tuple[int, str, int, int, int, bool]] = []
         keys: dict[str, str] = {}  # one str object per object key, shared by its blocks
         temps = 0
         with os.scandir(self._root) as top:
             for shard_entry in top:
                 shard = shard_entry.name
+                if shard.startswith(_MARKER_TMP_PREFIX):
+                    # A close() cut short; nothing else writes these (one store per directory).
+                    if shard_entry.is_file(follow_symlinks=False):
+                        _unlink_quietly(shard_entry.path)
+                        temps += 1
+                    continue
                 if _SHARD_RE.fullmatch(shard) is None:
                     continue
                 if not shard_entry.is_dir(follow_symlinks=False):
@@ -228,11 +382,12 @@ class BlockStore:
                             continue
                         key = keys.setdefault(match[1], match[1])
                         crc = int(match[3], 16)
-                        found.append((st.st_mtime_ns, key, block, st.st_size, crc))
+                        trusted = trust is not None and trust.vouches_for(name, st.st_ctime_ns)
+                        found.append((st.st_mtime_ns, key, block, st.st_size, crc, trusted))
         found.sort(key=lambda item: item[0])
         duplicates = 0
         index = self._index
-        for _mtime, key, block, size, crc in found:
+        for _mtime, key, block, size, crc, trusted in found:
             k = (key, block)
             old = index.pop(k, None)
             if old is not None:
@@ -241,7 +396,7 @@ class BlockStore:
                 duplicates += 1
                 self._used -= old[0]
                 _unlink_quietly(self._path(key, block, old[1]))
-            index[k] = (size, crc, False)
+            index[k] = (size, crc, trusted)
             self._used += size
         evicted = 0
         while self._used > self._capacity and index:
@@ -252,10 +407,11 @@ class BlockStore:
             evicted += 1
             _unlink_quietly(self._path(key, block, crc))
         log.info(
-            "block store %s: %d blocks, %d bytes of %d; removed %d temp files, %d duplicates; "
-            "evicted %d blocks to fit (%.2fs)",
+            "block store %s: %d blocks (%d trusted), %d bytes of %d; removed %d temp files, "
+            "%d duplicates; evicted %d blocks to fit (%.2fs)",
             self._root,
             len(index),
+            sum(1 for entry in index.values() if entry[2]),
             self._used,
             self._capacity,
             temps,
@@ -264,10 +420,35 @@ class BlockStore:
             time.monotonic() - started,
         )
 
+    # -- trust marker --------------------------------------------------------------
+
+    def _marker_path(self) -> str:
+        return f"{self._root}/{_MARKER_NAME}"
+
+    def _write_marker(self, unverified: list[str]) -> None:
+        """Record this boot's id and the blocks still unverified, for a restart in this boot.
+
+        Called by close() after its last change to a block file (renames, mtimes),
+        so the marker is newer than every block it vouches for. A failure removes
+        the old marker: the next start then verifies every block.
+        """
+        if self._boot_id is None:
+            return
+        doc = {"format": _MARKER_FORMAT, "boot_id": self._boot_id, "unverified": sorted(unverified)}
+        content = json.dumps(doc, separators=(",", ":")).encode()
+        tmp = f"{self._root}/{_MARKER_TMP_PREFIX}{os.urandom(8).hex()}"
+        try:
+            _write_marker_file(self._marker_path(), tmp, content)
+        except OSError as exc:
+            log.warning("block store: cannot write %s (%s); the next start verifies every block",
+                        self._marker_path(), exc)
+            _unlink_quietly(tmp)
+            _unlink_quietly(self._marker_path())
+
     # -- paths ---------------------------------------------------------------------
 
     def _path(self, object_key: str, index: int, crc: int) -> str:
-        return f"{self._root}/{object_key[:2]}/{object_key}.{index}.{crc:08x}"
+        return f"{self._root}/{object_key[:2]}/{_block_name(object_key, index, crc)}"
 
     def _shard_dir(self, shard: str, *, recreate: bool = False) -> str:
         path = f"{self._root}/{shard}"
@@ -291,15 +472,19 @@ class BlockStore:
 
     def read(
         self, object_key: str, index: int, offset: int, length: int, expected_len: int,
-        *, count_miss: bool = True,
+        *, count_miss: bool = True, verify: bool = True,
     ) -> bytes | None:
         """Bytes ``[offset, offset + length)`` of a block (clipped to it), or None on a miss.
 
-        A block whose file is not ``expected_len`` bytes long, or (for a block found
-        at startup, on its first read) whose content does not match the CRC in its
-        name, is deleted and counted as corrupt. ``count_miss=False``: a caller that
-        will ask again on its slow path takes a plain miss (block not in the index)
-        uncounted, so the hit ratio counts each read once.
+        A block whose file is not ``expected_len`` bytes long, or (for an unverified
+        block found at startup, on its first read) whose content does not match the
+        CRC in its name, is deleted and counted as corrupt. ``count_miss=False``: a
+        caller that will ask again on its slow path takes a plain miss (block not in
+        the index) uncounted, so the hit ratio counts each read once.
+        ``verify=False``: an unverified block is not checked here (that reads the
+        whole block) but answered None, uncounted, so a caller on the event loop can
+        ask again with ``verify=True`` from a worker thread (``contains`` tells this
+        case from a plain miss).
         """
         _check_key(object_key)
         _check_index(index)
@@ -307,6 +492,7 @@ class BlockStore:
             raise ValueError(f"invalid block range: offset={offset} length={length}")
         k = (object_key, index)
         handle: _OpenBlock | None = None
+        ahead = False
         with self._lock:
             entry = self._index.get(k)
             if entry is None:
@@ -321,14 +507,17 @@ class BlockStore:
                 self._misses += 1
                 trash = self._to_trash_locked(object_key, index, entry[1])
             else:
+                handle = self._open.get(k)
+                if handle is None and not verify and not entry[2]:
+                    return None  # the caller checks it where the whole-block read stalls nobody
                 self._index.move_to_end(k)
                 self._hits += 1  # taken back by _failed_read if the file lets us down
                 self._reordered = True
                 trash = None
-                handle = self._open.get(k)
                 if handle is not None:
                     self._open.move_to_end(k)
                     handle.users += 1
+                    ahead, handle.ahead = handle.ahead, False
         if entry[0] != expected_len:
             if trash is not None:
                 _unlink_quietly(trash)
@@ -339,7 +528,8 @@ class BlockStore:
         end = min(size, offset + length)
         data: bytes | None
         if handle is None:
-            opened = self._open_block(k, entry)
+            # Entering a block at its first byte: most likely a sequential reader.
+            opened = self._open_block(k, entry, read_ahead=offset == 0)
             if opened is None:
                 return None
             handle, whole = opened
@@ -355,13 +545,20 @@ class BlockStore:
             self._unpin(handle)
         if data is None:
             self._failed_read(k, entry, corrupt=True, drop=True)
+        elif ahead:  # the reader reached a block read ahead for it: stay one block ahead
+            self._read_ahead(object_key, index + 1)
         return data
 
-    def _open_block(self, k: _Key, entry: _Entry) -> tuple[_OpenBlock, bytes | None] | None:
+    def _open_block(
+        self, k: _Key, entry: _Entry, *, read_ahead: bool,
+    ) -> tuple[_OpenBlock, bytes | None] | None:
         """Open a block's file, check it, and keep the fd if the block is still current.
 
         Returns the pinned fd, plus the whole block when it was read to verify
         its CRC (a block found at startup, on its first read); None on a miss.
+        The kernel is told to read the whole file in the background, and with
+        ``read_ahead`` the next block of the object too, before this read waits on
+        the disk for its own bytes.
         """
         size, crc, verified = entry
         try:
@@ -373,6 +570,9 @@ class BlockStore:
             log.warning("block store: cannot open block %d of %s: %s", k[1], k[0], exc)
             self._failed_read(k, entry, corrupt=False, drop=False)
             return None
+        _advise_willneed(fd)
+        if read_ahead:
+            self._read_ahead(k[0], k[1] + 1)
         whole: bytes | None = None
         try:
             good = os.fstat(fd).st_size == size
@@ -399,6 +599,49 @@ class BlockStore:
             else:
                 handle.doomed = True  # read once, then closed by _unpin
         return handle, whole
+
+    def _read_ahead(self, object_key: str, index: int) -> None:
+        """Have the kernel read block ``index`` into the page cache before it is asked for.
+
+        The file is opened and advised outside the lock. A verified block's fd
+        then goes into the table unpinned and marked ``ahead``, under the lock and
+        only if the entry is still the one whose file was opened (the table's
+        rule); an unverified block's fd is closed at once (the table only holds
+        verified blocks), its pages stay cached for the check. Never an error:
+        whatever goes wrong here, the block's own read meets and handles it.
+        """
+        if index >= _MAX_INDEX or self._max_open < 2:
+            return  # (one fd slot: the read-ahead fd would push out the block being read)
+        k = (object_key, index)
+        with self._lock:
+            entry = self._index.get(k)
+            if entry is None or k in self._open or self._closed:
+                return
+        try:
+            fd = os.open(self._path(object_key, index, entry[1]), _O_READ)
+        except OSError:
+            return
+        _advise_willneed(fd)
+        if not self._keep_ahead(k, entry, fd):
+            os.close(fd)  # nobody else ever saw it
+
+    def _keep_ahead(self, k: _Key, entry: _Entry, fd: int) -> bool:
+        """Put a read-ahead fd into the table if its block is verified and still current."""
+        size, _crc, verified = entry
+        if not verified:
+            return False
+        try:
+            if os.fstat(fd).st_size != size:
+                return False  # the block's own read finds it corrupt and drops it
+        except OSError:
+            return False
+        with self._lock:
+            if self._closed or k in self._open or self._index.get(k) is not entry:
+                return False
+            self._open[k] = _OpenBlock(fd, users=0, ahead=True)
+            while len(self._open) > self._max_open:
+                self._drop_open_locked(next(iter(self._open)))
+        return True
 
     def _unpin(self, handle: _OpenBlock) -> None:
         with self._lock:
@@ -518,6 +761,94 @@ class BlockStore:
             return tmp
         raise OSError(errno.EEXIST, "cannot create a temp file", directory)
 
+    # -- blocks written by the caller (streamed fetches) ---------------------------
+    # A fetch streamed from the network writes each block into a temp file of the
+    # store as the bytes arrive, and hands the file over once complete: no copy of
+    # the block in memory. The temp name keeps a crash from leaving anything but a
+    # ``.tmp.*`` file (deleted at startup); only put_temp gives it a block's name.
+
+    def new_temp(self, object_key: str) -> tuple[int, str]:
+        """An fd open for writing on a new 0600 temp file in the block's shard, and its path.
+
+        The caller writes the block, closes the fd and calls :meth:`put_temp`, or
+        unlinks the path (a fetch that failed part way).
+        """
+        _check_key(object_key)
+        directory = self._shard_dir(object_key[:2])
+        for _attempt in range(8):
+            tmp = f"{directory}/{_tmp_name()}"
+            try:
+                fd = os.open(tmp, _O_CREATE, _FILE_MODE)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:  # the shard was removed under us
+                directory = self._shard_dir(object_key[:2], recreate=True)
+                continue
+            try:
+                os.fchmod(fd, _FILE_MODE)  # exactly 0600 whatever the umask
+            except BaseException:
+                os.close(fd)
+                _unlink_quietly(tmp)
+                raise
+            return fd, tmp
+        raise OSError(errno.EEXIST, "cannot create a temp file", directory)
+
+    def put_temp(self, object_key: str, index: int, tmp: str, size: int, crc: int) -> bool:
+        """Make the closed temp file ``tmp`` (from :meth:`new_temp`) the block, as put() would.
+
+        ``size`` and ``crc`` are what the caller wrote. The file's length is checked
+        first: a block is never stored shorter or longer than the caller meant.
+        Returns False (the file removed) when the store is closed; raises (the file
+        removed) when it cannot be kept.
+        """
+        _check_key(object_key)
+        _check_index(index)
+        try:
+            if size > self._capacity:
+                raise ValueError(f"block of {size} bytes exceeds the store capacity {self._capacity}")
+            actual = os.stat(tmp).st_size
+            if actual != size:
+                raise OSError(errno.EIO, f"temp block is {actual} bytes, not {size}", tmp)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return self._install(object_key, index, tmp, size, crc)
+
+    def _install(self, object_key: str, index: int, tmp: str, size: int, crc: int) -> bool:
+        """Rename a complete temp file to the block's name and index it (put()'s last step)."""
+        final = self._path(object_key, index, crc)
+        k = (object_key, index)
+        trash: list[str] = []
+        failure: OSError | None = None
+        installed = False
+        with self._lock:
+            if self._closed:
+                trash.append(tmp)
+            else:
+                old = self._index.pop(k, None)
+                if old is not None:
+                    self._drop_open_locked(k)
+                    self._used -= old[0]
+                    moved = self._to_trash_locked(object_key, index, old[1])
+                    if moved is not None:
+                        trash.append(moved)
+                self._evict_locked(max(0, self._capacity - self._reserved - size), trash)
+                try:
+                    os.replace(tmp, final)
+                except OSError as exc:
+                    failure = exc
+                    trash.append(tmp)
+                else:
+                    self._index[k] = (size, crc, True)
+                    self._used += size
+                    self._puts += 1
+                    installed = True
+        for path in trash:
+            _unlink_quietly(path)
+        if failure is not None:
+            raise failure
+        return installed
+
     def _to_trash_locked(self, object_key: str, index: int, crc: int) -> str | None:
         """Move a block file off its name (under the lock); the caller unlinks the result."""
         path = self._path(object_key, index, crc)
@@ -625,13 +956,17 @@ class BlockStore:
         """Stop using the store; later reads miss and later puts are dropped.
 
         If read hits changed the LRU order, the order is written back as file
-        mtimes (oldest first) so the next startup evicts the right blocks.
+        mtimes (oldest first) so the next startup evicts the right blocks. Then
+        the trust marker records which blocks are still unverified, so a restart
+        in this boot does not read every block to check it.
         """
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
+            self._closed = True  # no put renames a block into place after this
             order = list(self._index.items()) if self._reordered else []
+            unverified = [_block_name(key, block, crc)
+                          for (key, block), (_size, crc, ok) in self._index.items() if not ok]
             for k in list(self._open):
                 self._drop_open_locked(k)
             self._index.clear()
@@ -645,6 +980,7 @@ class BlockStore:
                     os.utime(self._path(key, block, crc), ns=(stamp, stamp))
                 except OSError:
                     pass
+        self._write_marker(unverified)  # last: newer than every change made to a block file
 
     def __enter__(self) -> BlockStore:
         return self

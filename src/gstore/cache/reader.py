@@ -9,8 +9,11 @@ other's sequential detection. Sequential streams get a readahead window that
 doubles each time the reader enters a new block, up to ``readahead`` bytes;
 prefetches run in a mount-wide nursery and are never cancelled by a seek, so a
 program that reads the head, jumps to the tail and comes back (ffprobe) keeps
-what was already fetched. Random reads fetch only the blocks they touch, until
-they turn out dense: once one handle has missed ``max(DENSE_MIN_MISSES,
+what was already fetched. Readahead fetches runs of consecutive blocks, one
+ranged GET each, streamed from the socket into the blocks' files
+(:class:`_RunSink`), so the bytes in flight cost no memory; a demand fetch keeps
+its one block in memory, since its reader wants the bytes at once. Random reads
+fetch only the blocks they touch, until they turn out dense: once one handle has missed ``max(DENSE_MIN_MISSES,
 blocks / DENSE_FRACTION)`` distinct blocks of an object that fits in a quarter
 of the cache (fio, a database scanning its file), the rest of the object is
 fetched in the background, DENSE_PARALLEL blocks at a time, in the prefetch
@@ -30,6 +33,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import os
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -46,14 +52,18 @@ DENSE_MIN_MISSES = 8  # random misses of one handle before its object may count 
 DENSE_FRACTION = 8  # ... and at least this fraction (1/N) of the object's blocks
 DENSE_PARALLEL = 4  # GETs one background fill has in flight (within the prefetch slots)
 # Bytes one readahead GET asks for: consecutive blocks of a sequential stream go in
-# one ranged GET, split into blocks as it lands. Each request costs a fixed amount
-# of CPU (signing, a connection, a wake-up of the trio thread), so fewer, larger
-# GETs keep a cold stream at the wire; the prefetch slots shrink in proportion, so
-# the bytes in flight (the memory bound) stay what they were with one block each.
-FETCH_RUN = 8 * 1024 * 1024
-#: Readahead bytes in flight at most, mount-wide (each one is held twice for a moment: the
-#: HTTP body's chunks and the joined run), the daemon's memory bound on cold reads.
-PREFETCH_BYTES = 24 * 1024 * 1024
+# one ranged GET, streamed into the blocks' files as it lands (read_range_into), each
+# block released to its readers as soon as it is complete. Each request costs a fixed
+# amount of CPU (measured: ~3 ms of botocore request building, signing and parsing, a
+# new connection on an endpoint that closes them), so fewer, larger GETs keep a cold
+# stream at the wire on 2 cores; a run costs no memory (see PREFETCH_BYTES).
+FETCH_RUN = 16 * 1024 * 1024
+#: Readahead bytes requested and not yet landed, mount-wide: at most this many / FETCH_RUN
+#: runs in flight (4). Not memory: a run's bytes go from the socket to the block files,
+#: so a GET in flight holds only its receive buffer (backends.s3.STREAM_BUFFER, 2 MiB at
+#: most). Several streams keep a store whose per-connection bandwidth is capped (real S3,
+#: ``scripts/bench --bandwidth``) busy; the readahead window (--readahead) bounds it too.
+PREFETCH_BYTES = 64 * 1024 * 1024
 
 
 def object_cache_key(backend_key: str, identity: str) -> str:
@@ -89,9 +99,117 @@ class ReaderStats:
 
 @dataclass
 class _Fetch:
+    """One block being fetched; waiters wake on ``done``. Trio thread only."""
+
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | memoryview | None = None  # a block of a run: a view of the run's bytes
+    data: bytes | None = None  # a demand fetch: the block's bytes
+    stored: bool = False  # a readahead run: the block is in the store, read it there
     error: BaseException | None = None
+
+
+class _RunSink:
+    """Splits the byte stream of one readahead run into its blocks' files in the store.
+
+    Each piece goes straight from the HTTP receive buffer to the block's temp file,
+    its CRC updated on the way (``zlib.crc32(piece, crc)``): no join, no second
+    buffer, one pass over the bytes besides the write. A block is put in the store
+    (:meth:`BlockStore.put_temp`: length checked, then renamed) the moment its last
+    byte is written, and ``landed(index)`` is called.
+
+    Concurrency: ``write`` runs on whichever thread receives the body (for S3 the
+    asyncio loop thread), one call at a time; ``landed`` must therefore only hand
+    over (``TrioToken.run_sync_soon``). The trio task that owns the run touches the
+    sink only after ``read_range_into`` returned or raised, when no write runs or
+    will run (``SinkGate``): then :meth:`close` discards a partial block, so a
+    fetch that fails mid-stream never leaves one in the store.
+
+    A block whose file cannot be written (disk full, I/O error) is dropped, not
+    kept in memory: its waiters fetch it for themselves (``BlockReader._fetch``),
+    through ``BlockStore.put`` which makes room when the disk is full.
+    """
+
+    def __init__(self, store: BlockStore, key: str, first: int, lengths: list[int],
+                 landed: Callable[[int], None]) -> None:
+        self._store = store
+        self._key = key
+        self._first = first
+        self._lengths = lengths
+        self._landed = landed
+        self._index = first  # the block the next byte belongs to
+        self._filled = 0  # bytes of that block received
+        self._fd = -1  # its temp file (-1: not opened yet, or dropped)
+        self._tmp = ""
+        self._crc = 0
+        self._dropped = False  # writing it failed: its remaining bytes are skipped
+        self.stored: list[int] = []  # blocks put in the store, in order
+
+    def write(self, piece: bytes | memoryview) -> None:
+        view = memoryview(piece)
+        while view:
+            if self._index - self._first >= len(self._lengths):
+                raise ValueError(f"more bytes than the {len(self._lengths)} blocks of the run")
+            length = self._lengths[self._index - self._first]
+            part = view[: length - self._filled]
+            view = view[len(part):]
+            if not self._dropped:
+                self._write_part(part)
+            self._filled += len(part)
+            if self._filled == length:
+                self._end_block(length)
+
+    def close(self) -> None:
+        """Discard a partially written block (the run ended early); idempotent."""
+        self._discard()
+
+    def _write_part(self, part: memoryview) -> None:
+        try:
+            if self._fd < 0:
+                self._fd, self._tmp = self._store.new_temp(self._key)
+            self._crc = zlib.crc32(part, self._crc)
+            while part:
+                part = part[os.write(self._fd, part):]
+        except OSError as exc:
+            log.warning("could not cache block %d (%s): %s", self._index, self._key, exc)
+            self._discard()
+            self._dropped = True
+
+    def _end_block(self, length: int) -> None:
+        """The block's last byte is written: put it in the store, then start the next one."""
+        index, fd, tmp, crc, dropped = self._index, self._fd, self._tmp, self._crc, self._dropped
+        self._index += 1
+        self._filled, self._fd, self._tmp, self._crc, self._dropped = 0, -1, "", 0, False
+        if dropped:
+            return
+        try:
+            os.close(fd)
+        except OSError as exc:
+            log.warning("could not cache block %d (%s): %s", index, self._key, exc)
+            _unlink_quietly(tmp)
+            return
+        try:
+            kept = self._store.put_temp(self._key, index, tmp, length, crc)
+        except (OSError, ValueError) as exc:
+            log.warning("could not cache block %d (%s): %s", index, self._key, exc)
+            return
+        if kept:
+            self.stored.append(index)
+            self._landed(index)
+
+    def _discard(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            _unlink_quietly(self._tmp)
+        self._fd, self._tmp = -1, ""
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        log.warning("could not remove the partial block %s: %s", path, exc)
 
 
 class BlockReader:
@@ -206,7 +324,14 @@ class BlockReader:
             stream.random_misses += 1
             self._maybe_fill(stream)
         block = await self._fetch(stream, index)
-        return bytes(block[lo:hi])  # a block of a run is a memoryview of the run's bytes
+        if block is None:  # a readahead run put it in the store: read it there
+            data = self._store.read(stream.cache_key, index, lo, hi - lo, expected, count_miss=False)
+            if data is not None:
+                return data
+            # Evicted already (a cache smaller than the readahead): fetch it for this read.
+            block = await self._fetch(stream, index, stored_will_do=False)
+            assert block is not None
+        return block[lo:hi]
 
     def _block_len(self, info: ObjectInfo, index: int) -> int:
         start = index * self.block_size
@@ -214,23 +339,27 @@ class BlockReader:
 
     # -- fetching ------------------------------------------------------------------
 
-    async def _fetch(self, stream: ReadStream, index: int) -> bytes | memoryview:
-        """The block's bytes, fetched once however many readers want them."""
+    async def _fetch(self, stream: ReadStream, index: int, *, stored_will_do: bool = True) -> bytes | None:
+        """The block, fetched once however many readers want it: its bytes, or None when a
+        readahead run put it in the store (``stored_will_do``; else fetched again)."""
         key = (stream.cache_key, index)
-        failed = self._recent_failures.get(key)
-        if failed is not None:
-            if failed[1] > trio.current_time():
-                error = failed[0]
-                raise BackendError(error.errno or errno.EIO, f"{error} (reported again)", transient=True)
-            del self._recent_failures[key]
-        running = self._inflight.get(key)
-        if running is not None:
+        while True:
+            failed = self._recent_failures.get(key)
+            if failed is not None:
+                if failed[1] > trio.current_time():
+                    error = failed[0]
+                    raise BackendError(error.errno or errno.EIO, f"{error} (reported again)", transient=True)
+                del self._recent_failures[key]
+            running = self._inflight.get(key)
+            if running is None:
+                break
             await running.done.wait()
             if running.data is not None:
                 return running.data
-            # That fetch failed or was cancelled; its error belongs to its own
-            # caller (never re-raise another task's Cancelled): try again here.
-            return await self._fetch(stream, index)
+            if running.stored and stored_will_do:
+                return None
+            # That fetch failed, was cancelled, or could not keep the block; its error
+            # belongs to its own caller (never re-raise another task's Cancelled): look again.
         job = _Fetch()
         self._inflight[key] = job
         try:
@@ -242,8 +371,7 @@ class BlockReader:
                 self._remember_failure(key, exc)
             raise
         finally:
-            del self._inflight[key]
-            job.done.set()
+            self._finish(key[0], index, job)
 
     def _remember_failure(self, key: tuple[str, int], exc: OSError) -> None:
         now = trio.current_time()
@@ -252,6 +380,8 @@ class BlockReader:
         self._recent_failures[key] = (exc, now + FAILURE_MEMORY)
 
     async def _download(self, stream: ReadStream, index: int) -> bytes:
+        """A demand fetch: the block's bytes in memory, for the reader waiting on them (a
+        slice is its reply), and put in the store in a worker thread."""
         start = index * self.block_size
         end = start + self._block_len(stream.info, index)
         async with self._fetch_limiter:
@@ -340,49 +470,60 @@ class BlockReader:
                     log.debug("prefetch of blocks %d-%d of %s failed: %s", run_first, run_last, stream.path, exc)
 
     async def _fetch_run(self, stream: ReadStream, first: int, last: int) -> None:
-        """Blocks first..last with one ranged GET, each in flight (demand reads wait for it)
-        from the start and released to its waiters as soon as it is in the store.
+        """Blocks first..last with one ranged GET streamed into their files (:class:`_RunSink`),
+        each in flight (demand reads wait for it) from the start and released to its
+        waiters as soon as it is in the store.
 
         Trio tasks interleave at every await: the blocks are registered in
         ``_inflight`` before the first one, and each entry is removed only by
-        this task and only while it is still this task's job.
+        this task and only while it is still this task's job. The sink reports a
+        landed block from the receiving thread through ``run_sync_soon``, so
+        ``_landed`` runs here on the trio thread; the sweep after the GET covers
+        the reports still queued then (``_landed`` ignores a job already done).
         """
         key = stream.cache_key
         jobs = {index: _Fetch() for index in range(first, last + 1)}
         for index, job in jobs.items():
             self._inflight[(key, index)] = job
+        lengths = [self._block_len(stream.info, index) for index in jobs]
         start = first * self.block_size
-        end = start + sum(self._block_len(stream.info, index) for index in jobs)
+        end = start + sum(lengths)
+        token = trio.lowlevel.current_trio_token()
+
+        def landed(index: int) -> None:  # on the receiving thread: hand over only
+            try:
+                token.run_sync_soon(self._landed, key, index, jobs[index])
+            except trio.RunFinishedError:
+                pass
+
+        sink = _RunSink(self._store, key, first, lengths, landed)
+        failure: BaseException | None = None
         try:
             async with self._fetch_limiter:
-                data = await self._backend.read_range(stream.path, start, end, stream.info)
-            if len(data) != end - start:
-                self.stats.fetch_errors += 1
-                raise BackendError(errno.EIO, f"short read of blocks {first}-{last} of {stream.path}: "
-                                   f"{len(data)} of {end - start} bytes", transient=True)
+                await self._backend.read_range_into(stream.path, start, end, stream.info, sink)
             self.stats.fetches += 1
-            self.stats.bytes_fetched += len(data)
-            view = memoryview(data)
-            for index, job in jobs.items():
-                lo = (index - first) * self.block_size
-                piece = view[lo:lo + self._block_len(stream.info, index)]
-                try:
-                    await trio.to_thread.run_sync(self._store.put, key, index, piece)
-                except OSError as exc:
-                    log.warning("could not cache block %d of %s: %s", index, stream.path, exc)
-                job.data = piece
-                self._finish(key, index, job)
+            self.stats.bytes_fetched += end - start
         except BaseException as exc:
-            for index, job in jobs.items():
-                if not job.done.is_set():
-                    job.error = exc
-                    if isinstance(exc, OSError) and is_transient(exc):
-                        self._remember_failure((key, index), exc)
+            failure = exc
             raise
         finally:
+            # read_range_into has returned or raised: no write runs or will run any more.
+            sink.close()  # a partial block is dropped, never stored
+            for index in sink.stored:  # those landed before a failure are good blocks
+                self._landed(key, index, jobs[index])
             for index, job in jobs.items():
                 if not job.done.is_set():
+                    if failure is not None:
+                        job.error = failure
+                        if isinstance(failure, OSError) and is_transient(failure):
+                            self._remember_failure((key, index), failure)
                     self._finish(key, index, job)
+
+    def _landed(self, key: str, index: int, job: _Fetch) -> None:
+        """Block ``index`` of a run is in the store: wake its waiters (trio thread)."""
+        if not job.done.is_set():
+            job.stored = True
+            self._finish(key, index, job)
 
     def _finish(self, key: str, index: int, job: _Fetch) -> None:
         if self._inflight.get((key, index)) is job:
