@@ -152,3 +152,70 @@ def test_backend_error_propagates_and_is_not_cached(tmp_path):
         assert await reader.read(stream, 0, 10) == b"x" * 10
 
     trio.run(main)
+
+
+def test_blocks_found_after_a_reboot_are_checked_once_off_the_trio_thread(tmp_path, monkeypatch):
+    """After a reboot every block found on disk is unverified: its CRC is checked by
+    reading it whole. That must happen in a worker thread (a 4 MiB disk read on the
+    trio thread stalls every request) and once per block, however many reads of it
+    the kernel sends at once; a corrupt block is fetched again, never served."""
+    import threading
+
+    from gstore.cache import blockstore
+
+    data = random.Random(5).randbytes(4 * BS)
+    root = tmp_path / "blocks"
+
+    async def fill():
+        backend = RangeBackend({"f": data})
+        store = BlockStore(root, 64 * BS, boot_id=lambda: "boot-1")
+        reader = BlockReader(store, backend, block_size=BS, readahead=0, fetch_concurrency=8)
+        stream = reader.open_stream("f", info_for(data))
+        assert await reader.read(stream, 0, len(data)) == data
+        store.close()
+        return stream.cache_key
+
+    key = trio.run(fill)
+    # Damage block 3 in place, same length: only its CRC can tell.
+    (victim,) = list(root.glob(f"*/{key}.3.*"))
+    raw = bytearray(victim.read_bytes())
+    raw[7] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+
+    whole_reads: list[tuple[int, str]] = []
+    real_pread_exact = blockstore._pread_exact
+
+    def recording_pread_exact(fd, length, offset):
+        if length == BS:
+            whole_reads.append((offset, threading.current_thread().name))
+        return real_pread_exact(fd, length, offset)
+
+    monkeypatch.setattr(blockstore, "_pread_exact", recording_pread_exact)
+
+    async def after_reboot():
+        backend = RangeBackend({"f": data})
+        store = BlockStore(root, 64 * BS, boot_id=lambda: "boot-2")
+        reader = BlockReader(store, backend, block_size=BS, readahead=0, fetch_concurrency=8)
+        stream = reader.open_stream("f", info_for(data))
+        assert reader.read_cached(stream, 0, 4096) is None, "unverified: the fast path must not check it"
+        results = []
+
+        async def one(offset):
+            results.append((offset, await reader.read(stream, offset, 4096)))
+
+        async with trio.open_nursery() as nursery:
+            for block in range(4):
+                for part in range(4):
+                    nursery.start_soon(one, block * BS + part * 4096)
+        for offset, got in results:
+            assert got == data[offset:offset + 4096]
+        assert backend.requests == [("f", 3 * BS, 4 * BS)], "only the corrupt block is fetched again"
+        assert reader.read_cached(stream, BS, 4096) == data[BS:BS + 4096], "verified: a fast-path hit"
+        store.close()
+
+    trio.run(after_reboot)
+    main = threading.main_thread().name
+    assert whole_reads and all(thread != main for _offset, thread in whole_reads)
+    # Each block read whole once (the kernel-like burst of 4 reads per block shares one check).
+    assert sorted(offset for offset, _ in whole_reads) == [0, 0, 0, 0]
+    assert len(whole_reads) == 4

@@ -244,6 +244,11 @@ class BlockReader:
         self._nursery: trio.Nursery | None = None
         # Objects (cache keys) being fetched whole in the background: one fill each.
         self._filling: set[str] = set()
+        # Blocks found at startup whose CRC a worker thread is checking (after a
+        # reboot): the kernel sends several reads of one block at once, and the
+        # first checks it while the others wait on its event, so a block is read
+        # whole once, off the trio thread. Only changed on the trio thread.
+        self._verifying: dict[tuple[str, int], trio.Event] = {}
         self.stats = ReaderStats()
 
     def attach(self, nursery: trio.Nursery) -> None:
@@ -276,7 +281,8 @@ class BlockReader:
         key = stream.cache_key
         if first == last:
             start = first * bs
-            data = store.read(key, first, offset - start, end - offset, min(bs, total - start), count_miss=False)
+            data = store.read(key, first, offset - start, end - offset, min(bs, total - start),
+                              count_miss=False, verify=False)
             if data is None:
                 return None
         else:
@@ -287,7 +293,7 @@ class BlockReader:
             for index in range(first, last + 1):
                 start = index * bs
                 piece = store.read(key, index, max(offset, start) - start, min(end, start + bs) - max(offset, start),
-                                   min(bs, total - start))
+                                   min(bs, total - start), verify=False)
                 if piece is None:
                     return None  # gone since contains(): the slow path fetches it
                 pieces.append(piece)
@@ -315,7 +321,9 @@ class BlockReader:
 
     async def _read_block(self, stream: ReadStream, index: int, lo: int, hi: int) -> bytes:
         expected = self._block_len(stream.info, index)
-        data = self._store.read(stream.cache_key, index, lo, hi - lo, expected)
+        data = self._store.read(stream.cache_key, index, lo, hi - lo, expected, verify=False)
+        if data is None and self._store.contains(stream.cache_key, index):
+            data = await self._checked_read(stream.cache_key, index, lo, hi - lo, expected)
         if data is not None:
             self.stats.hit_bytes += len(data)
             return data
@@ -332,6 +340,31 @@ class BlockReader:
             block = await self._fetch(stream, index, stored_will_do=False)
             assert block is not None
         return block[lo:hi]
+
+    async def _checked_read(self, key: str, index: int, offset: int, length: int, expected: int) -> bytes | None:
+        """A read of a block still to be verified: its CRC is checked in a worker thread.
+
+        Checking reads the whole block (4 MiB, a disk read after a reboot); on the
+        trio thread that would stall every other request. One task checks, the
+        others wait for it and then read the verified block with a pread. None: the
+        block turned out corrupt or vanished (a miss; the caller fetches it).
+        """
+        k = (key, index)
+        while True:
+            running = self._verifying.get(k)
+            if running is None:
+                done = self._verifying[k] = trio.Event()
+                try:
+                    return await trio.to_thread.run_sync(
+                        lambda: self._store.read(key, index, offset, length, expected))
+                finally:
+                    del self._verifying[k]
+                    done.set()
+            await running.wait()
+            data = self._store.read(key, index, offset, length, expected, verify=False, count_miss=False)
+            if data is not None or not self._store.contains(key, index):
+                return data
+            # Still there and unverified (the checker's open failed, e.g. EMFILE): check it ourselves.
 
     def _block_len(self, info: ObjectInfo, index: int) -> int:
         start = index * self.block_size
