@@ -69,13 +69,19 @@ class CreateCheck:
         path = f"{PROBE_DIR}/write-probe-{secrets.token_hex(8)}"
         self.probes += 1
         await self._remove_leftovers()
+        # Everything from the first PUT on is inside the try: a PUT cancelled (a rename or an
+        # unlink cancels the upload that probes) may still have landed, and the scratch object
+        # must not stay in the bucket. One that failed most likely did not (the backend is
+        # unwell: a DELETE now would fail too); should it have, a later probe sweeps it up.
+        maybe_there = True
         try:
-            await backend.put_bytes(path, b"")
-        except OSError as exc:
-            log.info("could not probe conditional writes on %s (%s); new files are checked with a HEAD "
-                     "before their upload", backend.display, exc)
-            return None
-        try:
+            try:
+                await backend.put_bytes(path, b"")
+            except OSError as exc:
+                maybe_there = False
+                log.info("could not probe conditional writes on %s (%s); new files are checked with a HEAD "
+                         "before their upload", backend.display, exc)
+                return None
             try:
                 await backend.put_bytes(path, b"", if_none_match=True)
             except OSError as exc:
@@ -91,12 +97,16 @@ class CreateCheck:
                         "race with other writers remains)", backend.display)
             return False
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(30):
-                try:
-                    await backend.delete(path)
-                except OSError as exc:
-                    log.warning("could not delete the write probe %s on %s: %s", path, backend.display, exc)
+            if maybe_there:
+                await self._delete_probe(path)
 
+    async def _delete_probe(self, path: str) -> None:
+        backend = self._backend
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            try:
+                await backend.delete(path)
+            except OSError as exc:
+                log.warning("could not delete the write probe %s on %s: %s", path, backend.display, exc)
 
     async def _remove_leftovers(self) -> None:
         """Probes of a mount killed mid-probe (kill -9 between the PUT and the DELETE) stay in the
