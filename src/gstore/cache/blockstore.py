@@ -702,37 +702,7 @@ class BlockStore:
                 _unlink_quietly(path)
             tmp = self._write_temp(shard, view)
 
-        final = self._path(object_key, index, crc)
-        k = (object_key, index)
-        trash: list[str] = []
-        failure: OSError | None = None
-        with self._lock:
-            if self._closed:
-                trash.append(tmp)
-            else:
-                old = self._index.pop(k, None)
-                if old is not None:
-                    self._drop_open_locked(k)
-                    self._used -= old[0]
-                    moved = self._to_trash_locked(object_key, index, old[1])
-                    if moved is not None:
-                        trash.append(moved)
-                # Make room first, so that usage() (read without the lock) never
-                # sees more than the capacity, even for an instant.
-                self._evict_locked(max(0, self._capacity - self._reserved - size), trash)
-                try:
-                    os.replace(tmp, final)
-                except OSError as exc:
-                    failure = exc
-                    trash.append(tmp)
-                else:
-                    self._index[k] = (size, crc, True)
-                    self._used += size
-                    self._puts += 1
-        for path in trash:
-            _unlink_quietly(path)
-        if failure is not None:
-            raise failure
+        self._install(object_key, index, tmp, size, crc)
 
     def _write_temp(self, shard: str, view: memoryview) -> str:
         """Write ``view`` to a new 0600 temp file in the shard; return its path."""
@@ -832,6 +802,8 @@ class BlockStore:
                     moved = self._to_trash_locked(object_key, index, old[1])
                     if moved is not None:
                         trash.append(moved)
+                # Make room first, so that usage() (read without the lock) never
+                # sees more than the capacity, even for an instant.
                 self._evict_locked(max(0, self._capacity - self._reserved - size), trash)
                 try:
                     os.replace(tmp, final)
