@@ -77,6 +77,9 @@ log = logging.getLogger(__name__)
 EAGER_FILL_LIMIT = 16 * 1024 * 1024
 #: How long an upload waits for earlier queued namespace changes being replayed.
 NAMESPACE_WAIT = 30.0
+#: A flush looks at every file it waits for again when it saw none settle for this long
+#: (seconds); otherwise at one file per upload that changes state (PendingFiles._wait_for_progress).
+FLUSH_RESCAN = 0.5
 FILL_CHUNK = 8 * 1024 * 1024
 
 # Failures retrying will not fix: the upload is parked until a flush --retry or a remount.
@@ -253,20 +256,23 @@ class PendingFiles:
                     raise OSError(errno.EEXIST, "File exists", path)
                 staged = await self._stage(path, existing, truncate=truncate)
             else:
-                staged = await self._new_file(path, stat.S_IFREG, mode, owner)
+                staged = await self._new_file(path, stat.S_IFREG, mode, owner, keep_open=True)
             staged.writers += 1
         self.scheduler.cancel(staged.id, running=False)
         return staged
 
     async def _new_file(self, path: str, file_type: int, mode: int, owner: tuple[int, int] | None, *,
-                        rdev: int = 0, content: bytes = b"") -> StagedFile:
+                        rdev: int = 0, content: bytes = b"", keep_open: bool = False) -> StagedFile:
+        """``keep_open``: a writer's handle follows (its release closes the descriptor)."""
         def configure(staged: StagedFile) -> None:
             staged.file_type, staged.mode, staged.rdev = file_type, mode & 0o7777, rdev
             if owner is not None:
                 staged.uid, staged.gid = owner
 
-        # On the trio thread: one open(O_CREAT) and no fsync (no record until the first close).
-        staged = self.staging.create(path, base=None, expect=EXPECT_ABSENT, size=0, configure=configure)
+        # On the trio thread: an open of a spare data file and no fsync (no record until the
+        # first close; see gstore.write.staging).
+        staged = self.staging.create(path, base=None, expect=EXPECT_ABSENT, size=0, configure=configure,
+                                     keep_open=keep_open)
         if content:
             StagingArea.write(staged, 0, content)
         self._adopt(staged)
@@ -609,27 +615,62 @@ class PendingFiles:
             self.namespace.retry_now()
             with trio.move_on_at(deadline if deadline is not None else float("inf")):
                 await self.namespace.wait_empty_or_failing()
+        unsettled = chosen  # not durable when last looked at (a durable file stays durable)
         while True:
-            failed, waiting = [], []
-            for staged in chosen:
-                if self.durable(staged, goals[staged.id]):
-                    continue
-                record = self.scheduler.attempts.get(staged.id)
-                busy = self.scheduler.busy(staged.id)
-                if record is not None and not busy and (
-                        record.permanent or record.failures > start_failures[staged.id]):
-                    failed.append(f"{staged.path}: {record.last_error}")
-                    continue
-                if not busy and not self.scheduler.due_now(staged.id):
-                    self.scheduler.schedule(staged.id, 0)
-                waiting.append(staged)
+            states = [(s, self._flush_state(s, goals[s.id], start_failures[s.id])) for s in unsettled]
+            unsettled = [s for s, state in states if state != "durable"]
+            failed = [self._failure(s) for s, state in states if state == "failed"]
+            waiting = [s for s, state in states if state == "waiting"]
             if not waiting:
                 return failed + self._unapplied_namespace_changes(targets)
             if deadline is not None and trio.current_time() >= deadline:
                 return (failed + [f"{s.path}: not uploaded within {timeout:g}s" for s in waiting]
                         + self._unapplied_namespace_changes(targets))
-            changed = self.scheduler.changed()
-            with trio.move_on_at(deadline if deadline is not None else trio.current_time() + 3600):
+            await self._wait_for_progress(waiting, goals, start_failures, deadline)
+
+    def _flush_state(self, staged: StagedFile, goal: int, failures_before: int) -> str:
+        """Where one file of a flush stands: "durable", "failed" (since the flush began, or
+        parked) or "waiting". A waiting file that is not due now is made due: its write-back
+        delay, or the backoff of a failure before the flush, does not hold the flush up."""
+        if self.durable(staged, goal):
+            return "durable"
+        record = self.scheduler.attempts.get(staged.id)
+        busy = self.scheduler.busy(staged.id)
+        if record is not None and not busy and (record.permanent or record.failures > failures_before):
+            return "failed"
+        if not busy and not self.scheduler.due_now(staged.id):
+            self.scheduler.schedule(staged.id, 0)
+        return "waiting"
+
+    def _failure(self, staged: StagedFile) -> str:
+        record = self.scheduler.attempts.get(staged.id)
+        return f"{staged.path}: {record.last_error if record is not None else 'failed'}"
+
+    async def _wait_for_progress(self, waiting: list[StagedFile], goals: dict[str, int],
+                                 failures_before: dict[str, int], deadline: float | None) -> None:
+        """Until every file of ``waiting`` has looked settled (durable or failed) once, or
+        none did for ``FLUSH_RESCAN`` seconds, or the deadline.
+
+        Wakes at every change of any upload but looks at one file each time (a cursor
+        that only moves forward), so waiting for n uploads costs O(n) in all, not O(n)
+        per upload (7-12% of the trio thread's time while 1,000 small files went up).
+        The caller's full pass then decides: it also sees a file the cursor passed that
+        changed again, and makes due a file ahead of a stalled cursor that a writer's
+        close delayed (one the cursor reaches, it makes due itself).
+        """
+        cursor = 0
+        stalled_at = trio.current_time() + FLUSH_RESCAN
+        while cursor < len(waiting):
+            staged = waiting[cursor]
+            if self._flush_state(staged, goals[staged.id], failures_before[staged.id]) != "waiting":
+                cursor += 1
+                stalled_at = trio.current_time() + FLUSH_RESCAN
+                continue
+            until = stalled_at if deadline is None else min(stalled_at, deadline)
+            if trio.current_time() >= until:
+                return
+            changed = self.scheduler.changed()  # taken with no await since the check: no wake-up lost
+            with trio.move_on_at(until):
                 await changed.wait()
 
     def _unapplied_namespace_changes(self, targets: list[StagedFile] | None) -> list[str]:
@@ -670,12 +711,25 @@ class PendingFiles:
         except Exception as exc:  # noqa: BLE001 - an upload failure never ends the daemon
             self._failed(staged, exc)
             return
+        if self._retirable(staged, generation, path):
+            # Its record is not needed once the backend has this generation: removed now in a
+            # worker thread, so that retiring it (in _finish, one synchronous step) unlinks no
+            # record on the trio thread. Shielded and with no checkpoint before _finish: a
+            # cancel (rename, unlink, stop) meanwhile sees the upload as finished, as if it
+            # had come a moment later. Whatever changed during the await, _finish re-checks.
+            with trio.CancelScope(shield=True):
+                await self.staging.forget(staged, generation)
         self._finish(staged, generation, path, result)
         if self._by_id.get(staged.id) is staged and not staged.unlinked:
             # Still staged (open, or changed meanwhile): the journal must know what the
             # backend now has, or a restart would take our own upload for a conflict.
             # (It may be removed meanwhile: persist then does nothing.)
             await trio.to_thread.run_sync(self.staging.persist, staged)
+
+    def _retirable(self, staged: StagedFile, generation: int, path: str) -> bool:
+        """Whether confirming ``generation`` would retire ``staged`` now (what _finish checks)."""
+        return (self._by_id.get(staged.id) is staged and not staged.unlinked and staged.path == path
+                and staged.generation == generation and staged.writers + staged.readers == 0)
 
     def _failed(self, staged: StagedFile, exc: BaseException) -> None:
         code, transient = classify(exc)
@@ -777,11 +831,16 @@ class PendingFiles:
         if recovered:
             log.warning("%d file(s) written before the last stop were not uploaded yet; uploading them now: %s",
                         len(recovered), ", ".join(s.path for s in recovered[:10]) + (" ..." if len(recovered) > 10 else ""))
-        for orphan in self.staging.orphans({s.id for s in recovered}):
-            # A file unlinked while open, or a crash between creating and recording it:
-            # nothing was promised for these bytes.
-            log.info("removing staging data %s that has no journal record", orphan.name)
+        orphans = self.staging.orphans({s.id for s in recovered})
+        for orphan in orphans:
+            # A file unlinked while open, a crash between creating and recording it, a spare,
+            # or an uploaded file's data whose removal the stop cut short: nothing was
+            # promised for these bytes.
+            log.debug("removing staging data %s that has no journal record", orphan.name)
             orphan.unlink(missing_ok=True)
+        if orphans:
+            log.info("removed %d staging data file(s) with no journal record (never closed, spare, or "
+                     "already uploaded)", len(orphans))
         return recovered
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -11,20 +11,43 @@ Each staged file is two files in ``<state dir>/staging/``:
 
 The record is replaced atomically (temp file, fsync, rename, fsync of the
 directory) at every close, fsync, truncate and rename, after the data file
-itself was fsynced. So after a kill -9 or a power loss, everything a program
-had closed or fsynced is found again at the next start and uploaded; nothing is
-deleted before the backend confirmed the upload. A file created and never
-closed has no record yet (nothing was promised for it): its data file is an
-orphan the next start removes. Creating a staged file is therefore one
-``open(O_CREAT)`` and no fsync, cheap enough for the trio thread. Closes and
-fsyncs go through :meth:`StagingArea.commit`: those arriving while a commit runs
-are written together by one worker-thread call with one directory fsync
-(:mod:`gstore.write.group_commit`); each returns once its own record is durable.
+itself was fsynced. A small file whose every byte is local (at most
+``INLINE_LIMIT``) carries its bytes in the record instead (``inline``): the
+record's own fsync then makes them durable, which saves the data file's fsync,
+a third of what a close waits for; the next start writes them back into the
+data file before anything else (no fsync needed there: the record stays until
+the upload is confirmed, so it can restore them again). So after a kill -9 or
+a power loss, everything a program had closed or fsynced is found again at the
+next start and uploaded; nothing is deleted before the backend confirmed the
+upload. A file created and never closed has no record yet (nothing was
+promised for it): its data file is an orphan the next start removes. Creating
+a staged file is therefore no fsync, and not even an ``open(O_CREAT)`` on the
+trio thread: a worker thread makes empty data files ahead of need (*spares*, a
+few dozen at a time), because creating a file is a journaled change of the
+directory that can wait behind any fsync on the same disk, and the trio thread
+must not wait like that. Taking a spare is a plain ``open``; with none ready,
+the file is created there as before. Spares left at a stop are orphans too.
+Closes and fsyncs go through :meth:`StagingArea.commit`: those arriving while a
+commit runs are written together by one worker-thread call with one directory
+fsync (:mod:`gstore.write.group_commit`); each returns once its own record is
+durable.
+
+The commit that puts a small file's bytes in its record also keeps them, with
+their MD5, for the file's upload (:meth:`StagingArea.take_body`, at most
+``BODY_CACHE_LIMIT`` bytes in all): the upload then reads nothing.
+
+Once the backend confirmed a generation, its record is no longer needed: the
+upload removes it in a worker thread (:meth:`StagingArea.forget`, batched like
+commits) before the file is retired, so retiring it on the trio thread unlinks
+no record, and the data file goes in the background thread that also fsyncs the
+directory after removals. A crash before that leaves a data file with no record,
+which the next start removes.
 
 The data file's descriptor stays open while the staged file is in use
-(``StagedFile.fd``, opened at the first write or local read, closed by
-:meth:`StagingArea.close_fd` when the last handle closes, or at removal): a
-``write(2)`` through the mount is one ``pwrite``, with no open and close around it.
+(``StagedFile.fd``, opened when a writer creates the file or at the first write
+or local read, closed by :meth:`StagingArea.close_fd` when the last handle
+closes, or at removal): a ``write(2)`` through the mount is one ``pwrite``, with
+no open and close around it.
 Only the trio thread uses that descriptor. Work done in worker threads (fsync,
 reads for uploads, truncate) opens its own, so closing the shared one can never
 pull it from under a thread, nor hand a reused descriptor number to a pread of
@@ -35,6 +58,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -57,6 +81,18 @@ from gstore.write.group_commit import GroupCommit
 log = logging.getLogger(__name__)
 
 EXPECT_ABSENT = "absent"
+#: Files up to this size whose bytes are all local carry them in their record (see above).
+INLINE_LIMIT = 16 * 1024
+#: Bytes of small files' bodies kept from their last commit for their upload, in all.
+BODY_CACHE_LIMIT = 8 * 1024 * 1024
+#: Spare data files made per batch by the spare thread, and how few left start the next batch.
+SPARE_BATCH = 64
+SPARE_LOW = 16
+#: The removal thread fsyncs the directory at most this often (seconds). Nothing waits for
+#: that fsync (it only shortens the time in which a power loss can bring a removed record
+#: back); back to back, during a stream of uploads, it kept the file system's journal busy
+#: for the fsyncs every close waits for.
+REMOVAL_SYNC_INTERVAL = 0.5
 
 
 def _info_to_json(info: ObjectInfo | None) -> dict[str, Any] | None:
@@ -110,6 +146,10 @@ class StagedFile:
     readers: int = 0  # open read-only handles sharing these bytes
     unlinked: bool = False  # dropped: unlinked (maybe still open) or replaced; never uploaded
     removed: bool = False  # its files are gone from the staging directory
+    # A journal record of it is on disk, and whether the last one written carried the bytes
+    # (then the data file's may never have been fsynced): both under StagingArea._records_lock.
+    recorded: bool = False
+    recorded_inline: bool = False
     upload_started: bool = False  # an upload was sent at least once: an object may exist
     persisted_generation: int = -1  # the generation whose data and record are on disk
     published: ObjectInfo | None = None  # what the path shows once this file is retired
@@ -172,8 +212,24 @@ class StagingArea:
         self._removals_lock = threading.Lock()
         self._removals_unsynced = False
         self._removals_syncing = False
+        self._removals_synced_at = float("-inf")  # time.monotonic() of the last; removal thread only
+        # Data files of removed staged files, unlinked by the removal thread (under _removals_lock).
+        self._unlinks: list[Path] = []
+        # Ids of empty spare data files (see create) and whether the spare thread runs: both
+        # under _spares_lock (the spare thread appends, the trio thread takes).
+        self._spares_lock = threading.Lock()
+        self._spares: list[str] = []
+        self._filling = False
+        # Small files' bodies read by their last commit, for their upload (see take_body):
+        # id -> (generation, bytes, MD5 hex), under _bodies_lock (commits add, the trio thread
+        # takes, removal drops); _bodies_size bytes in all, at most BODY_CACHE_LIMIT.
+        self._bodies_lock = threading.Lock()
+        self._bodies: dict[str, tuple[int, bytes, str]] = {}
+        self._bodies_size = 0
         # Closes and fsyncs: batched journal writes (see commit); trio thread only.
         self.commits: GroupCommit[StagedFile] = GroupCommit(self.persist_batch)
+        # Records of uploaded generations, removed in batches too (see forget); trio thread only.
+        self.forgets: GroupCommit[tuple[StagedFile, int]] = GroupCommit(self._forget_batch)
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(root, 0o700)
 
@@ -181,23 +237,27 @@ class StagingArea:
 
     def create(self, path: str, *, base: ObjectInfo | None, expect: str | None, size: int,
                attributes: ObjectInfo | None = None, configure: Callable[[StagedFile], None] | None = None,
-               ) -> StagedFile:
+               keep_open: bool = False) -> StagedFile:
         """A new staged file; ``attributes``: the object whose mode, owner and xattrs it keeps;
         ``configure`` sets anything else before the first record is written.
 
         No record is written here: the first :meth:`persist` (close, fsync, truncate,
-        rename) writes it. Until then a crash leaves only an orphan data file."""
-        staged_id = secrets.token_hex(12)
+        rename) writes it. Until then a crash leaves only an orphan data file.
+        ``keep_open``: a writer's handle follows, so the descriptor just made becomes the
+        shared one (its first write opens nothing; the last handle's close closes it)."""
+        staged_id, fd = self._new_data_file()
         data_path = self.root / f"{staged_id}.data"
-        fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.fchmod(fd, 0o600)
             if size:
                 os.ftruncate(fd, size)
-        finally:
+        except BaseException:
+            os.close(fd)
+            raise
+        if not keep_open:
             os.close(fd)
         staged = StagedFile(id=staged_id, path=path, data_path=data_path, size=size, base=base,
-                            base_path=path if base else None, expect=expect)
+                            base_path=path if base else None, expect=expect,
+                            fd=fd if keep_open else None)
         if base is None:
             staged.present.add(0, size)
         if base is not None:
@@ -210,6 +270,57 @@ class StagingArea:
         if configure is not None:
             configure(staged)
         return staged
+
+    def _new_data_file(self) -> tuple[str, int]:
+        """An empty data file of mode 0600 and a read-write descriptor on it (trio thread):
+        a spare when one is ready, else one created here."""
+        spare = self._take_spare()
+        if spare is not None:
+            try:
+                return spare, os.open(self.root / f"{spare}.data", os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                pass  # swept meanwhile (another core's orphan sweep, in tests): make one
+        staged_id = secrets.token_hex(12)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(self.root / f"{staged_id}.data", flags, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+        except BaseException:
+            os.close(fd)
+            raise
+        return staged_id, fd
+
+    def _take_spare(self) -> str | None:
+        """A spare's id, or None; starts the spare thread when few are left (or none yet)."""
+        with self._spares_lock:
+            spare = self._spares.pop() if self._spares else None
+            refill = len(self._spares) < SPARE_LOW and not self._filling
+            if refill:
+                self._filling = True
+        if refill:
+            trio.lowlevel.start_thread_soon(self._make_spares, lambda result: None,
+                                            name="gstore staging spares")
+        return spare
+
+    def _make_spares(self) -> None:
+        """Create a batch of empty data files (spare thread). A failure only means the trio
+        thread creates its files itself, where a real problem (ENOSPC) then surfaces."""
+        made: list[str] = []
+        try:
+            for _ in range(SPARE_BATCH):
+                staged_id = secrets.token_hex(12)
+                path = self.root / f"{staged_id}.data"
+                # mknod, not open(O_CREAT): made without a descriptor, so a spare never shows
+                # as an open staging file (fails with EEXIST like O_EXCL).
+                os.mknod(path, 0o600 | stat.S_IFREG)
+                os.chmod(path, 0o600)  # whatever the umask
+                made.append(staged_id)
+        except OSError as exc:
+            log.debug("could not make spare staging files in %s: %s", self.root, exc)
+        finally:
+            with self._spares_lock:
+                self._spares.extend(made)
+                self._filling = False
 
     def persist(self, staged: StagedFile, *, sync_data: bool = True) -> None:
         """Make the staged file's data and record durable (see the module docstring).
@@ -249,27 +360,37 @@ class StagingArea:
         return errors
 
     def _persist_one(self, staged: StagedFile, sync_data: bool) -> bool:
-        """Fsync the data, write and fsync the record, rename it in place; True when renamed
-        (the directory still needs its fsync)."""
+        """Fsync the data (or put it in the record), write and fsync the record, rename it in
+        place; True when renamed (the directory still needs its fsync)."""
         if staged.unlinked or staged.removed:
             return False
-        if sync_data:
-            try:
-                fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                if staged.removed:
-                    return False
-                raise
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        record = json.dumps(staged.record(), separators=(",", ":")).encode()
+        generation = staged.generation  # read before the record and the bytes (see _keep_body)
+        fields = staged.record()
+        inline = staged.complete and fields["size"] <= INLINE_LIMIT
+        synced = False
+        try:
+            if inline:
+                # Also without sync_data: such a record never points at bytes not durable.
+                data = self.read_local(staged, 0, fields["size"])
+                fields["inline"] = base64.b64encode(data).decode("ascii")
+                self._keep_body(staged, generation, data)
+            elif sync_data or staged.recorded_inline:
+                # After a record that carried the bytes, the data file's were never fsynced.
+                self._sync_data(staged)
+                synced = True
+        except FileNotFoundError:
+            if staged.removed:
+                return False
+            raise
+        record = json.dumps(fields, separators=(",", ":")).encode()
         final = self.root / f"{staged.id}.json"
         temp = self.root / f".{staged.id}.{secrets.token_hex(4)}.json.tmp"
         with self._records_lock:
             if staged.unlinked or staged.removed:
                 return False
+            if not inline and not synced and staged.recorded_inline:
+                # Rare: another thread wrote a record carrying the bytes since the check above.
+                self._sync_data(staged)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, record)
@@ -277,12 +398,96 @@ class StagingArea:
             finally:
                 os.close(fd)
             os.replace(temp, final)
+            staged.recorded, staged.recorded_inline = True, inline
         return True
+
+    def _keep_body(self, staged: StagedFile, generation: int, data: bytes) -> None:
+        """Keep the bytes a commit read for the file's upload (worker thread).
+
+        ``generation`` was read on this thread before the record and the bytes, while
+        the trio thread may write: any write after that read moves the generation on,
+        so an upload that captured its generation later never takes bytes of an older
+        one. Bytes may be newer than their label (written while the commit read them),
+        as with any read of a file being written: the upload is then of a generation
+        older than the file's, which is not retired and goes up again.
+        """
+        md5 = hashlib.md5(data).hexdigest()
+        with self._bodies_lock:
+            self._drop_body(staged.id)
+            # Checked after remove() set it and dropped the body: a removed file keeps none.
+            if staged.removed or self._bodies_size + len(data) > BODY_CACHE_LIMIT:
+                return
+            self._bodies[staged.id] = (generation, data, md5)
+            self._bodies_size += len(data)
+
+    def _drop_body(self, staged_id: str) -> tuple[int, bytes, str] | None:
+        """Forget a kept body (``_bodies_lock`` held)."""
+        kept = self._bodies.pop(staged_id, None)
+        if kept is not None:
+            self._bodies_size -= len(kept[1])
+        return kept
+
+    def take_body(self, staged: StagedFile, generation: int) -> tuple[bytes, str] | None:
+        """The bytes and MD5 of ``generation`` of a small file, if its commit kept them
+        (trio thread; no system call). None: read them (changed since, or not kept)."""
+        with self._bodies_lock:
+            kept = self._drop_body(staged.id)
+        if kept is None or kept[0] != generation:
+            return None
+        return kept[1], kept[2]
+
+    @staticmethod
+    def _sync_data(staged: StagedFile) -> None:
+        fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def forget(self, staged: StagedFile, generation: int) -> None:
+        """The backend confirmed ``generation`` of ``staged``: its record is not needed any more.
+
+        Called by the upload before it retires the file (trio thread), so that retiring
+        unlinks no record there; uploads ending at about the same moment share one
+        worker-thread call (:mod:`gstore.write.group_commit`). The record stays when the
+        file changed since (a newer generation needs it) or could not be removed
+        (:meth:`remove` tries again). A crash at any point here loses nothing: the backend
+        has this generation, and a record left over only uploads the same bytes again.
+        """
+        await self.forgets.commit((staged, generation))
+
+    def _forget_batch(self, batch: Sequence[tuple[StagedFile, int]]) -> list[BaseException | None]:
+        for staged, generation in batch:
+            self._forget_one(staged, generation)
+        return [None] * len(batch)
+
+    def _forget_one(self, staged: StagedFile, generation: int) -> None:
+        """Unlink the record if it is still that of ``generation`` (worker thread).
+
+        ``generation`` is read here while the trio thread may change it: safe because
+        the trio thread moves it on *before* it asks for the record of the new
+        generation, and that record is written under ``_records_lock`` too: either
+        this sees the new generation and keeps the record, or the new record is
+        written after this unlink.
+        """
+        with self._records_lock:
+            if staged.removed or not staged.recorded or staged.generation != generation:
+                return
+            try:
+                os.unlink(self.root / f"{staged.id}.json")
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not remove the staging record of %s (uploaded): %s",
+                            staged.path, exc)
+                return
+            staged.recorded = False
 
     def remove_record(self, staged: StagedFile) -> None:
         """Forget the journal record only: the bytes stay for handles still open."""
         with self._records_lock:
             staged.unlinked = True
+            staged.recorded = False
             try:
                 os.unlink(self.root / f"{staged.id}.json")
             except FileNotFoundError:
@@ -292,30 +497,41 @@ class StagingArea:
     def remove(self, staged: StagedFile) -> None:
         """Forget a staged file (only after the backend confirmed it, or it was deleted).
 
-        Called on the trio thread as the last step of an upload: the unlinks happen
-        here, the directory fsync that makes them durable runs in a worker thread,
-        shared by every removal meanwhile (:meth:`_sync_removals_soon`). A power loss
-        before it may bring a record back, as an unlink on any local file system can
-        before its directory is fsynced: the next start then uploads those bytes again
-        (an object already holding them is recognised as ours, a changed one is a
-        conflict); nothing is lost.
+        Called on the trio thread (an upload retiring the file, an unlink discarding
+        it). A record still on disk is unlinked here, at once: a file deleted by a
+        program must not come back after a crash. An uploaded file's record is
+        normally gone already (:meth:`forget`), so this costs the trio thread no
+        system call but the descriptor's close. The data file, which nothing reads
+        any more, is unlinked by the removal thread, which then fsyncs the directory
+        once for every removal meanwhile (:meth:`_remove_soon`); a crash before
+        that leaves a data file with no record, removed at the next start. A power
+        loss before the directory fsync may bring a record back, as an unlink on any
+        local file system can before its directory is fsynced: the next start then
+        uploads those bytes again (an object already holding them is recognised as
+        ours, a changed one is a conflict); nothing is lost.
         """
         self.close_fd(staged)
         with self._records_lock:
             staged.removed = True
-            for path in (self.root / f"{staged.id}.json", staged.data_path):
+            if staged.recorded:
+                staged.recorded = False
                 try:
-                    os.unlink(path)
+                    os.unlink(self.root / f"{staged.id}.json")
                 except FileNotFoundError:
                     pass
-        self._sync_removals_soon()
+        with self._bodies_lock:
+            self._drop_body(staged.id)  # after ``removed`` is set: no commit keeps one again
+        self._remove_soon(staged.data_path)
 
-    def _sync_removals_soon(self) -> None:
-        """Fsync the directory in a worker thread, once for every removal made meanwhile."""
+    def _remove_soon(self, data_path: Path | None = None) -> None:
+        """Unlink ``data_path`` (if any) and fsync the directory in the removal thread, which
+        takes every removal queued meanwhile in one pass."""
         with self._removals_lock:
+            if data_path is not None:
+                self._unlinks.append(data_path)
             self._removals_unsynced = True
             if self._removals_syncing:
-                return  # the running sync loops once more and covers this one
+                return  # the running thread loops once more and covers this one
             self._removals_syncing = True
         trio.lowlevel.start_thread_soon(self._sync_removals, lambda result: None, name="gstore staging sync")
 
@@ -326,10 +542,22 @@ class StagingArea:
                     self._removals_syncing = False
                     return
                 self._removals_unsynced = False
+                unlinks, self._unlinks = self._unlinks, []
+            for path in unlinks:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # left for the orphan sweep of the next start
+                    log.warning("could not remove the staging data file %s: %s", path, exc)
+            # Removals queued during this pause are unlinked by the next pass, then synced.
+            pause = self._removals_synced_at + REMOVAL_SYNC_INTERVAL - time.monotonic()
+            time.sleep(max(0.0, pause))
             try:
                 self._sync_dir()
             except OSError as exc:  # the next removal tries again
                 log.warning("could not fsync the staging directory %s: %s", self.root, exc)
+            self._removals_synced_at = time.monotonic()
 
     def load(self) -> list[StagedFile]:
         """Staged files left by a previous run (crash, kill, or a drain that timed out)."""
@@ -357,14 +585,38 @@ class StagingArea:
                     atime=data.get("atime"), rdev=int(data.get("rdev") or 0),
                     xattrs={name: base64.b64decode(value) for name, value in (data.get("xattrs") or {}).items()},
                 )
+                inline = None if data.get("inline") is None else base64.b64decode(data["inline"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("staging record %s is unreadable (%s); left in place for inspection", entry, exc)
                 continue
+            if inline is not None:
+                try:
+                    self._restore_inline(staged, inline)
+                except OSError as exc:
+                    log.error("could not restore the bytes staging record %s carries (%s); left "
+                              "in place for inspection", entry, exc)
+                    continue
             if not staged.data_path.exists():
                 log.error("staging record %s has no data file; left in place for inspection", entry)
                 continue
+            staged.recorded, staged.recorded_inline = True, inline is not None
             found.append(staged)
         return found
+
+    @staticmethod
+    def _restore_inline(staged: StagedFile, payload: bytes) -> None:
+        """Make the data file hold the bytes its record carries (at start): they are what was
+        promised, whatever a power loss left in the data file. Not fsynced: the record keeps
+        them until the upload is confirmed, and a record written later without them fsyncs
+        the data file first (``recorded_inline``)."""
+        wanted = payload[:staged.size].ljust(staged.size, b"\0")
+        fd = os.open(staged.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.pread(fd, staged.size + 1, 0) != wanted:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, wanted, 0)
+        finally:
+            os.close(fd)
 
     def orphans(self, known: set[str]) -> list[Path]:
         """Data files without a record (a crash between creating and recording them)."""

@@ -29,11 +29,14 @@ nobody hashed are never confirmed.
 
 Concurrency: many uploads run at once (the scheduler bounds how many files);
 their multipart parts share one mount-wide limiter of ``part_concurrency``
-parts in flight. Hashing runs in a worker thread, never on the trio thread (only
-a file of at most ``INLINE_READ_LIMIT`` bytes, just written and so in the page
-cache, is read there); a part is hashed only once its slot is free, and parts of
-one upload are hashed one after another (the whole object's MD5 is built in
-part order).
+parts in flight. Reading and hashing run in a worker thread, never on the trio
+thread: even a small file's open, pread and close there would each give up the
+GIL, and getting it back waits for whichever thread took it (the HTTP stack
+sending other uploads), stalling every request of the mount meanwhile. A small
+file's body usually needs no read at all: the commit of its close kept it
+(:meth:`~gstore.write.staging.StagingArea.take_body`). A part
+is hashed only once its slot is free, and parts of one upload are hashed one
+after another (the whole object's MD5 is built in part order).
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ from gstore.write.staging import EXPECT_ABSENT, StagedFile, StagingArea
 log = logging.getLogger(__name__)
 
 SINGLE_PUT_LIMIT = 8 * 1024 * 1024
-#: Small files are read (and hashed) for their PUT on the trio thread, larger ones in a worker.
+#: Files up to this size are read whole (in a worker thread) for their PUT; larger ones are
+#: streamed from the staging file (see the module docstring).
 INLINE_READ_LIMIT = 64 * 1024
 #: Parts of multipart uploads in flight mount-wide (boto3's upload_file uses 10 threads).
 DEFAULT_PART_CONCURRENCY = 8
@@ -156,8 +160,10 @@ class Uploader:
         elif not copy_parts and size <= SINGLE_PUT_LIMIT:
             body: bytes | FileRegion
             if size <= INLINE_READ_LIMIT:
-                # Just written, so in the page cache: a pread is cheaper than a thread hop.
-                body, md5 = self._read_hashed(staged, 0, size)
+                kept = self.staging.take_body(staged, generation)  # read by the close's commit
+                if kept is None:
+                    kept = await trio.to_thread.run_sync(self._read_hashed, staged, 0, size)
+                body, md5 = kept
             else:
                 body = await trio.to_thread.run_sync(FileRegion.hashed, str(staged.data_path), 0, size)
                 md5 = body.md5_hex
