@@ -16,6 +16,10 @@ on the same endpoint and the same bytes:
   tools run (warm and after-remount sequential reads, cached random reads).
   The ceiling of a Python FUSE daemon: what is left between gstore and it is
   gstore's own work.
+* ``bench.barefs_write``, the same for creating files: the small files'
+  create loop (the workload's own code) against a bare pyfuse3 + trio file
+  system that writes each file to a local file and fsyncs it at close
+  (``--fsync-close``): the floor of a close that is durable on local disk.
 
 ``ROWS`` says which reference each gstore figure is divided by; ``ratio`` is
 always tool / reference, so "0.8x" of a MiB/s figure is 80% of the reference
@@ -36,7 +40,7 @@ from typing import Any
 from bench.endpoint import ACCESS_KEY, BUCKET, REGION, SECRET_KEY, Endpoint
 from bench.tools import REPO, Tool
 from bench.util import BenchError, MiB
-from bench.workloads import Assets, Config, Run, _fio, _mibps, seq_read
+from bench.workloads import Assets, Config, Run, _fio, _mibps, create_small_files, seq_read
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ ROWS: list[Row] = [
         "boto3 upload_file, 10 threads"),
     Row("small files: durable s", "small_files", "durable s", False, "boto3",
         "boto3 PUTs on 8 threads"),
+    Row("small files: close s", "small_files", "close s", False, "barefs",
+        "bare pyfuse3 create, fsync per close"),
     Row("ls -l cold s", "ls", "cold s", False, "boto3", "one paginated LIST"),
 ]
 
@@ -97,6 +103,26 @@ class BareFuse(Tool):
     def command(self, mnt: Path, cache: Path) -> list[str]:
         return [sys.executable, "-m", "bench.barefs", str(self.source), str(mnt),
                 "--name", self.file_name]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def version(self) -> str:
+        from importlib import metadata
+
+        return f"pyfuse3 {metadata.version('pyfuse3')} + trio {metadata.version('trio')}"
+
+
+class BareWriteFuse(Tool):
+    """bench.barefs_write: files created in a local folder, each fsynced at its close."""
+
+    name = "barefs"
+    process_name = "bench.barefs_write"
+
+    def command(self, mnt: Path, cache: Path) -> list[str]:
+        return [sys.executable, "-m", "bench.barefs_write", str(cache), str(mnt), "--fsync-close"]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -220,7 +246,17 @@ def ref_small_files(ctx: Context) -> dict[str, Run]:
         client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": k} for k in names[i:i + 1000]]})
     r.metric("durable s", round(p["wall_s"], 2))
     r.metric("files/s", round(len(bodies) / p["wall_s"], 1))
-    return {"boto3": r}
+    bare = ctx.run("small_files", BareWriteFuse(ctx.endpoint, ctx.work, "0"))
+    try:
+        bare.cold()
+        with bare.phase("create") as p:
+            t0 = time.perf_counter()
+            create_small_files(bare.mnt / "small-barefs", bodies)
+            p["wall_s"] = time.perf_counter() - t0
+        bare.metric("close s", round(p["wall_s"], 2))
+    finally:
+        bare.stop()
+    return {"boto3": r, "barefs": bare}
 
 
 def ref_ls(ctx: Context) -> dict[str, Run]:

@@ -343,6 +343,22 @@ def seq_write(r: Run) -> None:
     r.metric("durable MiB/s", None if durable is None else _mibps(len(data), p["durable_s"]))
 
 
+def create_small_files(d: Path, payloads: list[bytes]) -> None:
+    """``mkdir d``, then each payload as a new file: open, one write, close (what ``tar x``,
+    ``cp -r`` of a folder of small files do). The same code for the tools and the bare
+    reference (bench.barefs_write)."""
+    try:
+        os.mkdir(d)
+    except OSError as exc:
+        _unsupported_or_raise(exc, "mkdir")
+    try:
+        for i, body in enumerate(payloads):
+            with open(d / f"f{i:05d}.bin", "wb") as f:
+                f.write(body)
+    except OSError as exc:
+        _unsupported_or_raise(exc, "create")
+
+
 def small_files(r: Run) -> None:
     """Create small_count files of small_size bytes in a new directory; close, then bucket."""
     prefix = f"small-{r.tool.name}"
@@ -357,16 +373,7 @@ def small_files(r: Run) -> None:
 
     with r.phase("create") as p:
         t0 = time.perf_counter()
-        try:
-            os.mkdir(d)
-        except OSError as exc:
-            _unsupported_or_raise(exc, "mkdir")
-        try:
-            for i, body in enumerate(payloads):
-                with open(d / f"f{i:05d}.bin", "wb") as f:
-                    f.write(body)
-        except OSError as exc:
-            _unsupported_or_raise(exc, "create")
+        create_small_files(d, payloads)
         p["close_s"] = time.perf_counter() - t0
         durable = _durable(r, all_there, 0.25, p)
         p["durable_s"] = None if durable is None else durable - t0

@@ -77,6 +77,8 @@ class MountCore:
         return await self.pending.flush(timeout=timeout)
 
     def close(self) -> None:
+        if self.staging is not None:
+            self.staging.close()
         self.store.close()
 
 

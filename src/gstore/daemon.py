@@ -345,6 +345,8 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
             log.exception("unmount failed")
         with trio.move_on_after(5):
             await backend.aclose()
+        if writeback is not None:
+            writeback.staging.close()
         store.close()
     log.info("stopped")
     return EXIT_OK
@@ -407,6 +409,10 @@ async def _drain(writeback: PendingFiles, timeout: float, stopping: _Stopping | 
     finally:
         if stopping is not None:
             stopping.drain_deadline = None
+        # Closes whose records still wait for their fsync (gstore.write.staging): on disk before
+        # the stop, which may be followed by a power-off.
+        if not await trio.to_thread.run_sync(writeback.staging.wait_records_synced):
+            log.warning("staging records not all fsynced at stop; they stay in the page cache")
     if failures:
         log.warning("%d upload(s) not done at stop; kept in the journal for the next start: %s",
                     len(failures), "; ".join(failures[:20]))

@@ -165,8 +165,18 @@ class S3Bucket:
         return out
 
     def files(self) -> dict[str, bytes]:
-        return {k: self.client.get_object(Bucket=self.name, Key=k)["Body"].read()
-                for k in self.keys() if not k.endswith("/")}
+        """Every object and its bytes. An object deleted between the LIST and its GET (the
+        mount's own write probe, which deletes its scratch key at once) is left out, as a
+        LIST a moment later would."""
+        out: dict[str, bytes] = {}
+        for key in self.keys():
+            if key.endswith("/"):
+                continue
+            try:
+                out[key] = self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
+            except self.client.exceptions.NoSuchKey:
+                continue
+        return out
 
     def dirs(self) -> set[str]:
         out: set[str] = set()

@@ -558,7 +558,7 @@ class FileSystem:
         return await self.file_handle(fh).write(offset, data)
 
     async def flush(self, fh: int) -> None:
-        """close(2) of a descriptor: what was written is durable on local disk."""
+        """close(2) of a descriptor: what was written is in the journal (gstore.write.staging)."""
         await self.file_handle(fh).flush()
 
     async def fsync(self, fh: int) -> None:

@@ -467,16 +467,24 @@ class PendingFiles:
 
     # -- closing --------------------------------------------------------------------------
 
-    async def persist(self, staged: StagedFile) -> None:
-        """close(2) or fsync(2): what was written survives a crash of this host.
+    async def persist(self, staged: StagedFile, *, durable: bool = False) -> None:
+        """close(2) (``durable`` False) or fsync(2) (True): what was written is in the journal.
 
-        Closes at about the same moment share one journal commit (a group commit:
-        :meth:`StagingArea.commit`); each returns only once its own record is durable.
+        After a close it survives a crash of the daemon at once, and one of this host
+        once the record sync thread fsynced it (a small file's record, within
+        ``RECORD_SYNC_INTERVAL``; a larger file's before this returns); after an
+        fsync it survives a crash of this host when this returns. Closes at about
+        the same moment share one journal commit (a group commit: :meth:`StagingArea.commit`).
         """
-        if not staged.unlinked and staged.persisted_generation != staged.generation:
-            generation = staged.generation
-            await self.staging.commit(staged)
-            staged.persisted_generation = max(staged.persisted_generation, generation)
+        if staged.unlinked:
+            return
+        if (staged.durable_generation if durable else staged.persisted_generation) == staged.generation:
+            return
+        generation = staged.generation
+        now_durable = await self.staging.commit(staged, durable=durable)
+        staged.persisted_generation = max(staged.persisted_generation, generation)
+        if now_durable:
+            staged.durable_generation = max(staged.durable_generation, generation)
 
     async def fsync(self, staged: StagedFile) -> list[str]:
         """fsync(2): durable in the backend; returns the failures (empty when durable).
@@ -485,7 +493,7 @@ class PendingFiles:
         transient failures are retried here, at once, for up to ``fsync_patience``
         seconds; a failure retrying cannot fix is reported at once.
         """
-        await self.persist(staged)
+        await self.persist(staged, durable=True)
         if staged.unlinked:
             return []
         deadline = trio.current_time() + self.fsync_patience
