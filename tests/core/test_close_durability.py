@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from gstore.write import staging as staging_module
 
@@ -74,3 +76,60 @@ async def test_an_fsync_after_a_close_waits_for_the_record_on_disk(
         assert gate.temp_records_before_upload, "fsync fsynced the record itself, before uploading"
         assert h.backend_files() == {"a.txt": b"closed, not yet fsynced"}
         await k.close(fd)
+
+
+class AnswerLostBackend:
+    """A proxy whose uploads land and then never answer (until ``answer`` is set): what a
+    kill -9 between the backend's write and its reply leaves behind."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.display = inner.display
+        self.cache_namespace = inner.cache_namespace
+        self.landed: list[str] = []
+        self.hang = True
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name not in ("put_bytes", "put_local_file") or not callable(attr):
+            return attr
+
+        async def landed_then_silent(path: str, *args: Any, **kwargs: Any) -> Any:
+            result = await attr(path, *args, **kwargs)
+            if self.hang and not path.startswith(".gstore/"):  # not the mount's write probe
+                self.landed.append(path)
+                await trio.sleep_forever()
+            return result
+
+        return landed_then_silent
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+async def test_an_upload_whose_answer_was_lost_is_recognised_as_ours_after_a_crash(
+        tmp_path: Path, backend: str) -> None:
+    """An upload landed, then the daemon died before it learnt so: the journal still has the
+    file (expected absent) and the backend has our object. The next start must recognise
+    it as its own (by MD5 ETag on S3; by its bytes where the ETag is no MD5, as on a local
+    folder), not upload a conflict copy. Found by the model test in CI (mount-defaults,
+    seed 20250601: ``sub/d.conflict-...`` after a crash)."""
+    proxies: list[AnswerLostBackend] = []
+
+    def wrap(inner: Any) -> Any:
+        proxies.append(AnswerLostBackend(inner))
+        return proxies[-1]
+
+    files = {"empty.txt": b"", "d/new.bin": pattern("n", 5000)}
+    async with open_core(tmp_path, backend=backend, write_back_delay=0.0, wrap_backend=wrap) as h:
+        await h.kernel.mkdir("d")
+        for name, data in files.items():
+            await h.kernel.write_file(name, data)
+        with trio.fail_after(30):
+            while sorted(p for proxy in proxies for p in proxy.landed) != sorted(files):
+                await trio.sleep(0.02)
+        for proxy in proxies:
+            proxy.hang = False
+        await h.crash()
+        for proxy in proxies:
+            proxy.hang = False
+        assert await h.drain() == []
+        assert {k: v for k, v in h.backend_files().items() if not k.startswith(".gstore/")} == files

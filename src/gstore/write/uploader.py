@@ -248,14 +248,31 @@ class Uploader:
         return conflict_name(staged.path), None, True, current
 
     async def _is_our_own(self, staged: StagedFile, current: ObjectInfo) -> bool:
-        """Whether the remote object has exactly the staged bytes (by its single-part ETag = MD5)."""
+        """Whether the remote object has exactly the staged bytes.
+
+        By its single-part ETag where that is the MD5 (S3). Where it is not (a local
+        folder, other fsspec backends, S3 with SSE-KMS), the object's bytes are read and
+        compared, up to ``SINGLE_PUT_LIMIT``: this runs only when an upload finds the
+        path taken, and a crash between an upload and the removal of its journal record
+        (the record goes in a worker thread after the backend's answer) must not turn our
+        own object into a conflict copy.
+        """
         etag = current.etag or ""
-        if current.size != staged.size or len(etag) != 32 or "-" in etag or staged.size > SINGLE_PUT_LIMIT:
+        if current.size != staged.size or staged.size > SINGLE_PUT_LIMIT:
             return False
         if not staged.complete:
             return False  # parts of it were never fetched: it cannot be compared here
         data = await trio.to_thread.run_sync(self.staging.read_local, staged, 0, staged.size)
-        return hashlib.md5(data).hexdigest() == etag.lower()
+        if len(etag) == 32 and "-" not in etag:
+            return hashlib.md5(data).hexdigest() == etag.lower()
+        if staged.size == 0:
+            return True
+        try:
+            theirs = await self.backend.read_range(staged.path, 0, staged.size, current)
+        except OSError as exc:
+            log.info("%s: could not read the object there to compare it (%s)", staged.path, exc)
+            return False
+        return theirs == data
 
     def _plan(self, staged: StagedFile, size: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Split the file into parts copied server-side from the base, and parts sent from here."""
