@@ -90,18 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="the file's name in the mount (default: the source's)")
     args = p.parse_args(argv)
     name = (args.name or os.path.basename(args.source)).encode()
-    fs = BareFS(args.source, name)
+    serve(BareFS(args.source, name), args.mountpoint, "barefs")
+    return 0
+
+
+def serve(fs: pyfuse3.Operations, mountpoint: str, fsname: str) -> None:
+    """Mount ``fs`` and serve it in the foreground until unmounted or SIGTERM."""
     options = set(pyfuse3.default_options)
-    options.add("fsname=barefs")
+    options.add(f"fsname={fsname}")
     options.discard("default_permissions")
-    pyfuse3.init(fs, args.mountpoint, options)
+    pyfuse3.init(fs, mountpoint, options)
     # SIGTERM: unmount ourselves so the loop ends (trio would otherwise die with the signal)
     signal.signal(signal.SIGTERM, lambda *_: pyfuse3.terminate())
     try:
         trio.run(pyfuse3.main)
     finally:
         pyfuse3.close(unmount=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import errno
 import itertools
 import os
-import signal
 import stat
 import sys
 import time
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 
 import pyfuse3
 import trio
+
+from bench.barefs import serve
 
 
 @dataclass
@@ -142,16 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("mountpoint")
     p.add_argument("--fsync-close", action="store_true", help="fsync each file's data at close")
     args = p.parse_args(argv)
-    fs = BareWriteFS(args.store, args.fsync_close)
-    options = set(pyfuse3.default_options)
-    options.add("fsname=barefs_write")
-    options.discard("default_permissions")
-    pyfuse3.init(fs, args.mountpoint, options)
-    signal.signal(signal.SIGTERM, lambda *_: pyfuse3.terminate())
-    try:
-        trio.run(pyfuse3.main)
-    finally:
-        pyfuse3.close(unmount=True)
+    serve(BareWriteFS(args.store, args.fsync_close), args.mountpoint, "barefs_write")
     return 0
 
 

@@ -89,7 +89,21 @@ class NoDaemon(Tool):
         return f"boto3 {metadata.version('boto3')}"
 
 
-class BareFuse(Tool):
+class _BarePyfuse3(Tool):
+    """A bare pyfuse3 + trio file system of bench/ run as a tool (it imports ``bench``)."""
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def version(self) -> str:
+        from importlib import metadata
+
+        return f"pyfuse3 {metadata.version('pyfuse3')} + trio {metadata.version('trio')}"
+
+
+class BareFuse(_BarePyfuse3):
     """bench.barefs serving the local copy of the big object under the same name."""
 
     name = "barefs"
@@ -104,18 +118,8 @@ class BareFuse(Tool):
         return [sys.executable, "-m", "bench.barefs", str(self.source), str(mnt),
                 "--name", self.file_name]
 
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        return env
 
-    def version(self) -> str:
-        from importlib import metadata
-
-        return f"pyfuse3 {metadata.version('pyfuse3')} + trio {metadata.version('trio')}"
-
-
-class BareWriteFuse(Tool):
+class BareWriteFuse(_BarePyfuse3):
     """bench.barefs_write: files created in a local folder, each fsynced at its close."""
 
     name = "barefs"
@@ -123,16 +127,6 @@ class BareWriteFuse(Tool):
 
     def command(self, mnt: Path, cache: Path) -> list[str]:
         return [sys.executable, "-m", "bench.barefs_write", str(cache), str(mnt), "--fsync-close"]
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        return env
-
-    def version(self) -> str:
-        from importlib import metadata
-
-        return f"pyfuse3 {metadata.version('pyfuse3')} + trio {metadata.version('trio')}"
 
 
 @dataclass
