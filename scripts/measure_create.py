@@ -12,7 +12,7 @@ of any Python FUSE daemon for these calls. The endpoint is the benchmark's
 client's timings never wait for the endpoint's GIL).
 
     .venv/bin/python scripts/measure_create.py [--files 1000] [--latency-ms 0]
-        [--no-bare] [--reference] [-- extra gstore-mount options]
+        [--no-bare] [--reference] [--profile FILE [--profile-phase create|flush]] [-- extra gstore-mount options]
 Needs root (FUSE). Run from the repository root (PYTHONPATH is set for bench/).
 """
 
@@ -58,6 +58,22 @@ def create_loop(folder: Path, payloads: list[bytes]) -> dict[str, list[float]]:
     return calls
 
 
+def start_profile(output: str, pid: int, gil: bool) -> subprocess.Popen[bytes]:
+    """py-spy on the daemon; ``gil``: only the thread holding the GIL (Python CPU, no system calls)."""
+    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--rate", "500",
+                            "--format", "raw", "--threads", "--nonblocking", "--output", output]
+                           + (["--gil"] if gil else []),
+                           stdout=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches
+    return spy
+
+
+def stop_profile(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        spy.send_signal(2)
+        spy.wait(60)
+
+
 def report(label: str, total: float, calls: dict[str, list[float]]) -> None:
     parts = []
     for name, values in calls.items():
@@ -93,6 +109,10 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--no-bare", action="store_true")
     parser.add_argument("--reference", action="store_true", help="also 1,000 boto3 PUTs on 8 threads")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="py-spy record of the daemon (collapsed stacks with threads, 500 Hz) during one phase")
+    parser.add_argument("--profile-gil", action="store_true", help="py-spy --gil: Python CPU only")
+    parser.add_argument("--profile-phase", choices=("create", "flush"), default="create")
     parser.add_argument("mount_options", nargs="*")
     args = parser.parse_args()
     payloads = [os.urandom(4096) for _ in range(args.files)]
@@ -108,15 +128,19 @@ def main() -> int:
             try:
                 pid = int(next(work.glob("cache/*/lock")).read_text().split()[0])
                 endpoint.reset_stats()
+                spy = start_profile(args.profile, pid, args.profile_gil) if args.profile and args.profile_phase == "create" else None
                 t0 = time.perf_counter()
                 calls = create_loop(mnt / "d", payloads)
                 closed = time.perf_counter() - t0
+                stop_profile(spy)
+                spy = start_profile(args.profile, pid, args.profile_gil) if args.profile and args.profile_phase == "flush" else None
                 report("gstore", closed, calls)
                 during = endpoint.stats()
                 daemon0, endpoint0, t1 = cpu_seconds(pid), endpoint.cpu() or 0.0, time.perf_counter()
                 subprocess.run([str(Path(sys.executable).with_name("gstore")), "flush", str(mnt)], check=True,
                                stdout=subprocess.DEVNULL)
                 flushed = time.perf_counter() - t1
+                stop_profile(spy)
                 print(f"{'gstore flush':<28} {flushed:6.2f} s; durable {closed + flushed:.2f} s after the mkdir; "
                       f"daemon CPU {cpu_seconds(pid) - daemon0:.2f} s, endpoint CPU "
                       f"{(endpoint.cpu() or 0.0) - endpoint0:.2f} s; requests during the creates: {during['total']}")

@@ -189,3 +189,105 @@ def wait_for(condition) -> bool:  # type: ignore[no-untyped-def]
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.005)
     return bool(condition())
+
+
+# -- the close of a small file on the trio thread (StagingArea._commit_here) -----------------
+
+
+def test_a_small_close_is_recorded_on_the_trio_thread_from_a_spare_with_no_worker_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No trip to a worker thread, and no open(O_CREAT) on the trio thread: the temporary
+    record is a spare data file renamed."""
+    staging = StagingArea(tmp_path / "staging")
+    staged = new_file(staging, "small.bin", b"first")  # starts the spare thread
+    assert wait_for(lambda: len(staging._spares) >= staging_module.SPARE_LOW)  # noqa: SLF001
+    StagingArea.write(staged, 0, b"second")
+    trio_thread = threading.get_ident()
+    creates: list[str] = []
+    real_open = os.open
+
+    def spying_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if flags & os.O_CREAT and threading.get_ident() == trio_thread:
+            creates.append(os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(staging_module.os, "open", spying_open)
+    spares = len(staging._spares)  # noqa: SLF001
+    batches = staging.commits.batches
+    assert close_commit(staging, staged, durable=False) is False
+    assert staging.commits.batches == batches, "no group commit, so no worker thread"
+    assert creates == [], "no inode created on the trio thread"
+    assert len(staging._spares) == spares - 1, "the temporary record was a spare"  # noqa: SLF001
+    assert not list(staging.root.glob(".*.tmp")), "renamed in place"
+    StagingArea.close_fd(staged)
+    [found] = StagingArea(tmp_path / "staging").load()
+    assert StagingArea.read_local(found, 0, found.size) == b"second"
+    assert staging.wait_records_synced(10), "and queued for the record sync thread"
+
+
+def test_a_small_close_waits_in_the_group_commit_while_a_worker_holds_the_records_lock(
+        tmp_path: Path) -> None:
+    """A worker holds ``_records_lock`` through a record's fsync: the trio thread never waits
+    for it; the close goes to a worker thread, which does."""
+    staging = StagingArea(tmp_path / "staging")
+    staged = new_file(staging, "small.bin", b"data")
+    batches = staging.commits.batches
+    taken, release = threading.Event(), threading.Event()
+
+    def worker_holding_the_lock() -> None:
+        with staging._records_lock:  # noqa: SLF001
+            taken.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=worker_holding_the_lock)
+    holder.start()
+    try:
+        assert taken.wait(10)
+
+        async def main() -> bool:
+            async with trio.open_nursery() as nursery:
+                async def close() -> None:
+                    nursery.result = await staging.commit(staged, durable=False)  # type: ignore[attr-defined]
+
+                nursery.start_soon(close)
+                await trio.sleep(0.05)
+                assert staging.commits.busy, "the close waits in a worker thread, not on the trio thread"
+                release.set()
+            return True
+
+        trio.run(main)
+    finally:
+        release.set()
+        holder.join(10)
+    assert staging.commits.batches == batches + 1
+    StagingArea.close_fd(staged)
+    [found] = StagingArea(tmp_path / "staging").load()
+    assert StagingArea.read_local(found, 0, found.size) == b"data"
+
+
+def test_a_record_of_an_older_generation_never_replaces_a_newer_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker (a chmod's persist) read the file; meanwhile a write and its close recorded a
+    newer generation on the trio thread. Renamed last, the worker's record would take the
+    write back after a crash: it is not written, and the newer record is fsynced for it."""
+    staging = StagingArea(tmp_path / "staging")
+    staged = new_file(staging, "f.txt", b"old bytes")
+    real_read = StagingArea.read_local
+    interleaved: list[int] = []
+
+    def read_then_a_newer_close(target: StagedFile, offset: int, length: int) -> bytes:
+        data = real_read(target, offset, length)
+        if not interleaved:  # the worker has read; now the trio thread writes and closes
+            interleaved.append(target.generation)
+            StagingArea.write(target, 0, b"new bytes!")
+            assert staging._persist_one(target, True, defer_sync=True, on_trio_thread=True) == "deferred"  # noqa: SLF001
+        return data
+
+    monkeypatch.setattr(StagingArea, "read_local", staticmethod(read_then_a_newer_close))
+    staging.persist(staged)  # the worker's (durable) persist of the older generation
+    assert interleaved, "the interleaving happened"
+    StagingArea.close_fd(staged)
+    [found] = StagingArea(tmp_path / "staging").load()
+    assert found.size == len(b"new bytes!")
+    assert real_read(found, 0, found.size) == b"new bytes!"
+    assert staging.wait_records_synced(10)

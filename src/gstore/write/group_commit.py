@@ -57,6 +57,11 @@ class GroupCommit(Generic[T]):
         self.batches = 0  # worker-thread commits run (status, tests)
         self.items = 0  # items committed in them
 
+    @property
+    def busy(self) -> bool:
+        """A batch is being committed (or handed on): a caller may bypass the queue only when not."""
+        return self._leading
+
     async def commit(self, item: T) -> None:
         """Return once ``item`` is committed; raise what committing it raised."""
         entry: _Entry[T] = _Entry(item)
