@@ -1,8 +1,11 @@
 """The benchmark's S3 endpoint, run as its own process.
 
 It is gstore's test endpoint (``gstore.testing.s3server.S3TestServer``: moto
-with the ranged-GET fast path, TCP_NODELAY and request accounting), started the
-way its CLI starts it, plus one thing the CLI cannot do: seed the bucket
+with the ranged-GET fast path, TCP_NODELAY and request accounting), served by
+cheroot with connections kept open between requests as S3 keeps them
+(``keep_alive=True``; ``--close-connections`` gives the tests' werkzeug server,
+a handshake per request, which cost every client and the endpoint CPU no real
+endpoint charges), plus one thing the CLI cannot do: seed the bucket
 in-process before serving. Putting 10,000 small objects over HTTP costs ~45 s
 on a 2-core machine (~230 PUT/s with 16 client threads: moto and werkzeug's
 one-connection-per-request server are the limit); seeding them straight into
@@ -39,13 +42,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="store COUNT objects of SIZE bytes under PREFIX/")
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--bandwidth", type=float, default=None)
+    p.add_argument("--close-connections", action="store_true",
+                   help="werkzeug's server, a new connection per request (the tests' endpoint), "
+                        "instead of cheroot keeping them open as S3 does")
     args = p.parse_args(argv)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
-    server = S3TestServer("127.0.0.1", 0, latency=args.latency, bandwidth=args.bandwidth or None)
+    server = S3TestServer("127.0.0.1", 0, latency=args.latency, bandwidth=args.bandwidth or None,
+                          keep_alive=not args.close_connections)
     server.start()
     try:
         server.client().create_bucket(Bucket=args.bucket)

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "versions": versions(),
         "endpoint": {"kind": "gstore.testing.s3server.S3TestServer (moto server + ranged-GET fast "
-                             "path, TCP_NODELAY, no keep-alive) in its own process on 127.0.0.1",
+                             "path, TCP_NODELAY, keep-alive: served by cheroot) in its own process on 127.0.0.1",
                      "latency_ms": args.latency, "bandwidth_mibps": args.bandwidth},
         "tools": {}, "references": {}, "workloads": {}, "errors": [],
     }

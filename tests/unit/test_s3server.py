@@ -492,3 +492,34 @@ def test_cli_subprocess(tmp_path: Path) -> None:
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_the_keep_alive_server_answers_several_requests_on_one_connection() -> None:
+    """keep_alive=True (the benchmark's endpoint): the same S3, served by cheroot, with the
+    connection left open between requests as S3 leaves it; the default closes it."""
+    pytest.importorskip("moto")
+    pytest.importorskip("cheroot")
+    for keep_alive in (True, False):
+        with S3TestServer(keep_alive=keep_alive) as srv:
+            s3 = srv.client()
+            name = f"keep-alive-{uuid.uuid4().hex[:8]}"
+            s3.create_bucket(Bucket=name)
+            s3.put_object(Bucket=name, Key="k", Body=b"kept")
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+            try:
+                answers = []
+                for _ in range(3):
+                    conn.request("GET", "/_gstore/stats")
+                    resp = conn.getresponse()
+                    resp.read()
+                    answers.append((resp.status, resp.will_close))
+            except (ConnectionError, http.client.HTTPException):
+                answers.append(("closed", True))
+            finally:
+                conn.close()
+            if keep_alive:
+                assert answers == [(200, False)] * 3
+            else:
+                assert answers[0] == (200, True)
+            assert s3.get_object(Bucket=name, Key="k")["Body"].read() == b"kept"
+            assert s3.get_object(Bucket=name, Key="k", Range="bytes=1-2")["Body"].read() == b"ep"

@@ -46,7 +46,9 @@ Caveats
   memory and larger ones in temporary files; with a ``min_part_size`` below
   1 KiB every object goes to a temporary file unless that variable is set.
 * werkzeug's development server closes the connection after every response
-  (no keep-alive), so every request pays a loopback TCP handshake.
+  (no keep-alive), so every request pays a loopback TCP handshake. With
+  ``keep_alive=True`` (the benchmark's endpoint) cheroot serves the same
+  application and keeps connections open, as S3 does.
 * Fake credentials are needed only by clients; :meth:`S3TestServer.client`
   passes them explicitly.
 
@@ -62,6 +64,7 @@ import collections
 import dataclasses
 import ipaddress
 import json
+import importlib
 import logging
 import os
 import re
@@ -748,7 +751,14 @@ class S3TestServer:
         min_part_size: int | None = None,
         fast_path: bool = True,
         verbose: bool = False,
+        keep_alive: bool = False,
     ) -> None:
+        """``keep_alive``: serve with cheroot (installed separately), which keeps
+        connections open between requests as S3 does, instead of werkzeug's server,
+        which closes each one after its response (the tests keep that: a fresh
+        connection per request is what their fault injection expects). The benchmark
+        uses it: a TCP handshake per request cost both the clients and the endpoint
+        CPU that no real endpoint charges."""
         self._bind_host, self._url_host = _loopback_bind_host(host)
         if latency < 0:
             raise ValueError("latency must be >= 0")
@@ -762,6 +772,7 @@ class S3TestServer:
         self.min_part_size = min_part_size
         self.fast_path = fast_path
         self.verbose = verbose
+        self.keep_alive = keep_alive
         self.stats = RequestStats()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -777,6 +788,9 @@ class S3TestServer:
         serving = _require("werkzeug.serving")
         self._moto_app = werkzeug_app.DomainDispatcherApplication(werkzeug_app.create_backend_app)
         app = _Middleware(self._moto_app, self)
+        if self.keep_alive:
+            self._start_cheroot(app)
+            return
         try:
             server = serving.make_server(self._bind_host, self.port, app, threaded=True,
                                          request_handler=_make_handler(self.verbose))
@@ -790,9 +804,31 @@ class S3TestServer:
                                         name=f"s3server:{self.port}", daemon=True)
         self._thread.start()
 
+    def _start_cheroot(self, app: Any) -> None:
+        try:
+            wsgi = importlib.import_module("cheroot.wsgi")
+        except ImportError as exc:
+            raise ImportError(f"S3TestServer(keep_alive=True) serves with cheroot: pip install cheroot ({exc})") from exc
+        # Threads: connections served at once (each keeps its thread while open); the
+        # benchmark's clients open up to ~20 (gstore's pool, rclone's and s3fs's).
+        server = wsgi.Server((self._bind_host, self.port), app, numthreads=32, max=64,
+                             server_name="gstore-s3-test", timeout=60)
+        server.prepare()  # binds and listens: the port is known from here
+        self._server = server
+        self.port = server.bind_addr[1]
+        self._thread = threading.Thread(target=server.serve, name=f"s3server:{self.port}", daemon=True)
+        self._thread.start()
+
     def stop(self) -> None:
         server, thread = self._server, self._thread
         if server is None:
+            return
+        if self.keep_alive:
+            server.stop()
+            if thread is not None:
+                thread.join(timeout=10)
+            self._server = None
+            self._thread = None
             return
         server.shutdown()
         if thread is not None:

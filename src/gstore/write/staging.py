@@ -27,15 +27,14 @@ time), because creating an inode is a journaled change that can wait behind any
 fsync on the same disk (0.1-0.6 ms measured there, during a stream of closes),
 and the trio thread should not wait like that. Taking a spare is a plain
 ``open``; with none ready, the file is created there as before. A small file's
-close takes a spare too, as its temporary record (renames, which the trio
-thread does there, measured 0.05-0.15 ms). Spares left at a stop are orphans too.
+close takes a spare too, to write its record into before renaming it in place
+(a rename, which the trio thread does there, measured 0.05-0.15 ms). Spares left at a stop are orphans too.
 Closes and fsyncs go through :meth:`StagingArea.commit`: those arriving while a
 commit runs are written together by one worker-thread call with one directory
 fsync (:mod:`gstore.write.group_commit`); an fsync returns once its own record
 is durable. The close of a small file is written by the trio thread itself when
 no such commit runs (:meth:`StagingArea._commit_here`): a record with no fsync is
-a rename of a spare, a write and a rename, cheaper than the trip to a worker
-thread. Under ``_records_lock`` a record older than the last one written for the
+a write into a spare and a rename, cheaper than the trip to a worker thread. Under ``_records_lock`` a record older than the last one written for the
 same file is never put back over it, whichever thread wrote which. A *close* of a small file whose record carries its bytes returns
 once the record is written and renamed in place, before its fsync: from then on
 a kill -9 or a crash of the daemon loses nothing (the record is in the kernel's
@@ -484,7 +483,6 @@ class StagingArea:
             raise
         record = json.dumps(fields, separators=(",", ":")).encode()
         final = self.root / f"{staged.id}.json"
-        temp = self.root / f".{staged.id}.{secrets.token_hex(4)}.json.tmp"
         if not self._records_lock.acquire(blocking=not on_trio_thread):
             return "busy"
         try:
@@ -500,7 +498,7 @@ class StagingArea:
                 # Rare: another thread wrote a record carrying the bytes since the check above.
                 self._sync_data(staged)
             deferred = defer_sync and inline
-            fd = self._open_temp_record(temp, on_trio_thread)
+            fd, temp = self._open_temp_record(staged, on_trio_thread)
             try:
                 _write_all(fd, record)
                 if not deferred:
@@ -514,22 +512,26 @@ class StagingArea:
             self._records_lock.release()
         return "deferred" if deferred else True
 
-    def _open_temp_record(self, temp: Path, on_trio_thread: bool) -> int:
-        """A descriptor on an empty file to write a record into, then rename in place.
+    def _open_temp_record(self, staged: StagedFile, on_trio_thread: bool) -> tuple[int, Path]:
+        """A descriptor on an empty file to write a record into, and its name (renamed over
+        the record once written).
 
-        On the trio thread a spare (see :meth:`_new_data_file`) renamed to ``temp``, not
-        an ``open(O_CREAT)``: creating an inode there took 0.1-0.6 ms, more than all the
-        rest of a close, as it waits for the journal behind the record sync thread's
-        fsyncs; the spare thread creates them ahead of need."""
+        On the trio thread a spare (see :meth:`_new_data_file`), written under its own
+        name, not an ``open(O_CREAT)``: creating an inode there took 0.1-0.6 ms, more
+        than all the rest of a close, as it waits for the journal behind the record sync
+        thread's fsyncs; the spare thread creates them ahead of need. A crash before the
+        rename leaves a data file with no record: an orphan, which the next start removes,
+        as it removes any spare."""
         if on_trio_thread:
             spare = self._take_spare()
             if spare is not None:
+                temp = self.root / f"{spare}.data"
                 try:
-                    os.rename(self.root / f"{spare}.data", temp)
-                    return os.open(temp, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+                    return os.open(temp, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC), temp
                 except FileNotFoundError:
                     pass  # swept meanwhile: create one
-        return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        temp = self.root / f".{staged.id}.{secrets.token_hex(4)}.json.tmp"
+        return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), temp
 
     @staticmethod
     def _sync_record(final: Path) -> None:
