@@ -280,7 +280,8 @@ def test_a_record_of_an_older_generation_never_replaces_a_newer_one(
         if not interleaved:  # the worker has read; now the trio thread writes and closes
             interleaved.append(target.generation)
             StagingArea.write(target, 0, b"new bytes!")
-            assert staging._persist_one(target, True, defer_sync=True, on_trio_thread=True) == "deferred"  # noqa: SLF001
+            outcome = staging._persist_one(target, True, defer_sync=True, on_trio_thread=True)  # noqa: SLF001
+            assert outcome == "deferred"
         return data
 
     monkeypatch.setattr(StagingArea, "read_local", staticmethod(read_then_a_newer_close))

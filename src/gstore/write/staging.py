@@ -28,18 +28,21 @@ fsync on the same disk (0.1-0.6 ms measured there, during a stream of closes),
 and the trio thread should not wait like that. Taking a spare is a plain
 ``open``; with none ready, the file is created there as before. A small file's
 close takes a spare too, to write its record into before renaming it in place
-(a rename, which the trio thread does there, measured 0.05-0.15 ms). Spares left at a stop are orphans too.
+(a rename, which the trio thread does there, measured 0.05-0.15 ms). Spares left
+at a stop are orphans too.
 Closes and fsyncs go through :meth:`StagingArea.commit`: those arriving while a
 commit runs are written together by one worker-thread call with one directory
 fsync (:mod:`gstore.write.group_commit`); an fsync returns once its own record
 is durable. The close of a small file is written by the trio thread itself when
 no such commit runs (:meth:`StagingArea._commit_here`): a record with no fsync is
-a write into a spare and a rename, cheaper than the trip to a worker thread. Under ``_records_lock`` a record older than the last one written for the
-same file is never put back over it, whichever thread wrote which. A *close* of a small file whose record carries its bytes returns
-once the record is written and renamed in place, before its fsync: from then on
-a kill -9 or a crash of the daemon loses nothing (the record is in the kernel's
-page cache), and the record sync thread fsyncs it and the directory within
-about ``RECORD_SYNC_INTERVAL`` (:meth:`StagingArea._sync_records`). Only a power
+a write into a spare and a rename, cheaper than the trip to a worker thread.
+Under ``_records_lock`` a record older than the last one written for the same
+file is never put back over it, whichever thread wrote which. A *close* of a
+small file whose record carries its bytes returns once the record is written
+and renamed in place, before its fsync: from then on a kill -9 or a crash of
+the daemon loses nothing (the record is in the kernel's page cache), and the
+record sync thread fsyncs it and the directory within about
+``RECORD_SYNC_INTERVAL`` (:meth:`StagingArea._sync_records`). Only a power
 loss or a kernel crash inside that window can lose such a close, which is what
 close(2) promises on a local file system (ext4 commits every 5 s); fsync(2) is
 what programs use to be sure, and it still waits for the disk (and the backend).
@@ -490,6 +493,8 @@ class StagingArea:
                 return False
             if generation < staged.recorded_generation:
                 # Another thread recorded a newer generation since this one read the file.
+                if not staged.recorded:
+                    return False  # and it is uploaded already: its record is gone
                 if defer_sync:
                     return "deferred" if staged.recorded_inline else True
                 self._sync_record(final)
