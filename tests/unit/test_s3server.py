@@ -523,3 +523,8 @@ def test_the_keep_alive_server_answers_several_requests_on_one_connection() -> N
                 assert answers[0] == (200, True)
             assert s3.get_object(Bucket=name, Key="k")["Body"].read() == b"kept"
             assert s3.get_object(Bucket=name, Key="k", Range="bytes=1-2")["Body"].read() == b"ep"
+            big = os.urandom(3 * MiB + 5)  # sent in 1 MiB pieces by the keep-alive server
+            s3.put_object(Bucket=name, Key="big", Body=big)
+            assert s3.get_object(Bucket=name, Key="big")["Body"].read() == big
+            ranged = s3.get_object(Bucket=name, Key="big", Range=f"bytes=7-{2 * MiB + 9}")["Body"].read()
+            assert ranged == big[7:2 * MiB + 10]
