@@ -117,6 +117,15 @@ RECORD_SYNC_INTERVAL = 0.2
 REMOVAL_SYNC_INTERVAL = 0.5
 
 
+def _fsync_path(path: Path, flags: int = 0) -> None:
+    """Fsync the file or folder at ``path`` through a descriptor of its own (any thread)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     """``os.write`` until every byte is written (a regular file may take fewer at once)."""
     view = memoryview(data)
@@ -541,11 +550,7 @@ class StagingArea:
     @staticmethod
     def _sync_record(final: Path) -> None:
         """Fsync a record already in place (its directory entry: the caller's directory fsync)."""
-        fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(final)
 
     def _sync_records_soon(self, ids: Sequence[str]) -> None:
         """Queue records written without their fsync for the record sync thread (any thread)."""
@@ -678,11 +683,7 @@ class StagingArea:
 
     @staticmethod
     def _sync_data(staged: StagedFile) -> None:
-        fd = os.open(staged.data_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(staged.data_path)
 
     async def forget(self, staged: StagedFile, generation: int) -> None:
         """The backend confirmed ``generation`` of ``staged``: its record is not needed any more.
@@ -864,11 +865,7 @@ class StagingArea:
         return [p for p in self.root.glob("*.data") if p.stem not in known]
 
     def _sync_dir(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(self.root, os.O_DIRECTORY)
 
     # -- data --------------------------------------------------------------------------
 
