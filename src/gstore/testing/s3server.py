@@ -62,9 +62,9 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import importlib
 import ipaddress
 import json
-import importlib
 import logging
 import os
 import re

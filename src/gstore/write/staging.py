@@ -208,6 +208,11 @@ class StagedFile:
         """Every byte is in the staging file: no fetch from the base needed."""
         return self.base is None or self.present.covers(0, self.size)
 
+    @property
+    def carries_bytes(self) -> bool:
+        """Its journal record carries its bytes (small, and every byte local): see INLINE_LIMIT."""
+        return self.size <= INLINE_LIMIT and self.complete
+
     def info(self) -> ObjectInfo:
         return ObjectInfo(
             name=self.path.rsplit("/", 1)[-1], is_dir=False, size=self.size, mtime=self.mtime,
@@ -413,7 +418,7 @@ class StagingArea:
         file's record) and ``_records_lock`` is free at once (a worker holds it
         through a record's fsync, which the trio thread must never wait for).
         """
-        if self.commits.busy or staged.unlinked or not staged.complete or staged.size > INLINE_LIMIT:
+        if self.commits.busy or staged.unlinked or not staged.carries_bytes:
             return False
         outcome = self._persist_one(staged, True, defer_sync=True, on_trio_thread=True)
         if outcome == "busy":
@@ -472,7 +477,7 @@ class StagingArea:
             return False
         generation = staged.generation  # read before the record and the bytes (see _keep_body)
         fields = staged.record()
-        inline = staged.complete and fields["size"] <= INLINE_LIMIT
+        inline = staged.carries_bytes
         if on_trio_thread and not inline:
             return "busy"
         synced = False

@@ -263,8 +263,9 @@ class Uploader:
         if not staged.complete:
             return False  # parts of it were never fetched: it cannot be compared here
         data = await trio.to_thread.run_sync(self.staging.read_local, staged, 0, staged.size)
-        if len(etag) == 32 and "-" not in etag:
-            return hashlib.md5(data).hexdigest() == etag.lower()
+        if len(etag) == 32 and "-" not in etag and hashlib.md5(data).hexdigest() == etag.lower():
+            return True
+        # Not the MD5, or an ETag that is no MD5 although it looks like one (SSE-KMS).
         if staged.size == 0:
             return True
         try:
