@@ -353,6 +353,7 @@ class PendingFiles:
         written = StagingArea.write(staged, offset, data)
         if staged.size != before:
             self._account(staged.size - before)
+            self.staging.early_writeback.appended(staged.data_path, before, offset, offset + written)
         return written
 
     async def read(self, staged: StagedFile, offset: int, size: int) -> bytes:

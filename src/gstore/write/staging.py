@@ -94,6 +94,7 @@ import trio
 
 from gstore.backends.base import ObjectInfo
 from gstore.backends.objectmeta import PosixMeta
+from gstore.write.early_writeback import EarlyWriteback
 from gstore.write.extents import Extents
 from gstore.write.group_commit import GroupCommit
 
@@ -289,6 +290,8 @@ class StagingArea:
         self.commits: GroupCommit[tuple[StagedFile, bool]] = GroupCommit(self.persist_batch)
         # Records of uploaded generations, removed in batches too (see forget); trio thread only.
         self.forgets: GroupCommit[tuple[StagedFile, int]] = GroupCommit(self._forget_batch)
+        # Large files being appended to: their disk writes start before the close's fsync.
+        self.early_writeback = EarlyWriteback()
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(root, 0o700)
 
@@ -618,16 +621,17 @@ class StagingArea:
                         del self._records_unsynced[staged_id]
 
     def close(self, timeout: float = 10.0) -> bool:
-        """Let the background threads (spares, removals, record syncs) finish what they have,
+        """Let the background threads (spares, removals, record syncs, early writeback) finish what they have,
         without their pauses, and wait for them: a stopped mount leaves its staging
         directory still, so a new start over it (or removing it) races with nothing.
         False (logged) if they took longer than ``timeout``; nothing is lost then: a
         record not fsynced is in the page cache, and the next start removes orphans."""
         self._closing = True
+        self.early_writeback.close()
         deadline = time.monotonic() + timeout
         while True:
             with self._spares_lock:
-                busy = self._filling
+                busy = self._filling or self.early_writeback.busy()
             with self._removals_lock:
                 busy = busy or self._removals_syncing
             with self._record_sync_lock:
