@@ -660,14 +660,9 @@ class S3Backend(S3Writes, NoHealth):
         name = path.rsplit("/", 1)[-1]
         if not key or path == "":
             return ObjectInfo(name="", is_dir=True)
-        try:
-            head = await self._call("head_object", Key=key)
-        except FileNotFoundError:
-            head = None
+        head, listing = await self._head_and_probe_folder(key)
         if head is not None:
             return _info_from_head(name, head)
-        # No object: a directory exists if anything lives under "key/".
-        listing = await self._call("list_objects_v2", Prefix=key + "/", Delimiter="/", MaxKeys=1)
         contents = listing.get("Contents") or ()
         if contents and contents[0].get("Key") == key + "/":
             # A marker object: it carries the folder's mode, owner and times.
@@ -679,6 +674,47 @@ class S3Backend(S3Writes, NoHealth):
             # No marker object: a folder that exists only as a prefix, with nothing stored.
             return ObjectInfo(name=name, is_dir=True, detailed=True)
         raise FileNotFoundError(errno.ENOENT, f"no such object or prefix: {path}")
+
+    async def _head_and_probe_folder(self, key: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """The HEAD of ``key`` (None: no object) and, when there is none, a one-key LIST of
+        ``key/`` (whether a folder is there).
+
+        Both are sent at once, as mountpoint-s3 does: a lookup of a folder, or of a name
+        that does not exist yet (each new file's), costs one round trip instead of two,
+        which is most of its time on a remote store (20 ms each with ``scripts/bench
+        --latency 20``). The price is one LIST for a lookup that finds a file; the
+        metadata cache (gstore.vfs.metadata) keeps such lookups few. A failed HEAD
+        cancels the LIST; a failed LIST matters only when the HEAD found nothing.
+        """
+        head: dict[str, Any] | None = None
+        listing: dict[str, Any] = {}
+        errors: dict[str, OSError] = {}
+
+        async def send_head(cancel_scope: trio.CancelScope) -> None:
+            nonlocal head
+            try:
+                head = await self._call("head_object", Key=key)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                errors["head"] = exc
+                cancel_scope.cancel()
+
+        async def send_list() -> None:
+            nonlocal listing
+            try:
+                listing = await self._call("list_objects_v2", Prefix=key + "/", Delimiter="/", MaxKeys=1)
+            except OSError as exc:
+                errors["list"] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_head, nursery.cancel_scope)
+            nursery.start_soon(send_list)
+        if "head" in errors:
+            raise errors["head"]
+        if head is None and "list" in errors:
+            raise errors["list"]
+        return head, listing
 
     async def list_dir(self, path: str, *, max_pages: int | None = None) -> Listing | None:
         """The folder's children; None when ``max_pages`` pages (of 1,000 keys) do not hold them all."""
