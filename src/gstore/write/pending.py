@@ -81,6 +81,8 @@ NAMESPACE_WAIT = 30.0
 #: (seconds); otherwise at one file per upload that changes state (PendingFiles._wait_for_progress).
 FLUSH_RESCAN = 0.5
 FILL_CHUNK = 8 * 1024 * 1024
+#: Seconds between two INFO summaries of finished uploads (see PendingFiles._log_summaries).
+UPLOAD_SUMMARY_INTERVAL = 10.0
 
 # Failures retrying will not fix: the upload is parked until a flush --retry or a remount.
 _PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.EINVAL, errno.ENAMETOOLONG,
@@ -136,6 +138,26 @@ class WriteStats:
     failures: int = 0
     conflicts: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # path -> last error
+
+    def counters(self) -> tuple[int, int, int, int, int]:
+        return self.uploaded, self.bytes_uploaded, self.bytes_copied, self.failures, self.conflicts
+
+
+def upload_summary(before: tuple[int, int, int, int, int], after: tuple[int, int, int, int, int],
+                   seconds: float, pending: int) -> str | None:
+    """The INFO line for what uploads did between two snapshots of WriteStats, or None (nothing)."""
+    files, sent, copied, failures, conflicts = (b - a for a, b in zip(before, after))
+    if not (files or failures):
+        return None
+    text = f"uploaded {files} file(s), {sent / 1048576:.1f} MiB"
+    if copied:
+        text += f" (+{copied / 1048576:.1f} MiB copied server-side)"
+    text += f" in the last {seconds:.0f}s"
+    if failures:
+        text += f"; {failures} failed attempt(s)"
+    if conflicts:
+        text += f"; {conflicts} conflict(s)"
+    return text + f"; {pending} file(s) pending"
 
 
 class PendingFiles:
@@ -862,7 +884,21 @@ class PendingFiles:
             if self.namespace is not None:
                 await nursery.start(self.namespace.run)
             await nursery.start(self.scheduler.run)
+            nursery.start_soon(self._log_summaries)
             task_status.started()
 
+    async def _log_summaries(self) -> None:
+        """One INFO line per ``UPLOAD_SUMMARY_INTERVAL`` in which uploads finished or failed
+        (per-file lines are DEBUG below ``LOGGED_UPLOAD_SIZE``; failures keep their WARNING lines)."""
+        interval = UPLOAD_SUMMARY_INTERVAL
+        before, since = self.stats.counters(), trio.current_time()
+        while True:
+            await trio.sleep(interval)
+            after, now = self.stats.counters(), trio.current_time()
+            line = upload_summary(before, after, now - since, len(self._by_path))
+            if line is not None:
+                log.info("%s", line)
+            before, since = after, now
 
-__all__ = ["EAGER_FILL_LIMIT", "PathLocks", "PendingFiles", "WriteStats"]
+
+__all__ = ["EAGER_FILL_LIMIT", "PathLocks", "PendingFiles", "UPLOAD_SUMMARY_INTERVAL", "WriteStats", "upload_summary"]
