@@ -29,6 +29,7 @@ import ctypes.util
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ STEP = 32 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     """libc's sync_file_range (Linux), or None where there is none: then only the fsync writes."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
