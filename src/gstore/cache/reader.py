@@ -301,7 +301,9 @@ class BlockReader:
         self._track_pattern(stream, offset, end, first, last)
         return data
 
-    def _read_cached_blocks(self, stream: ReadStream, offset: int, end: int, first: int, last: int) -> bytes | None:
+    def _read_cached_blocks(
+        self, stream: ReadStream, offset: int, end: int, first: int, last: int,
+    ) -> bytes | None:
         """read_cached() of a range over several blocks: all of them cached, or None."""
         store = self._store
         key = stream.cache_key
