@@ -704,6 +704,17 @@ def test_read_hit_keeps_its_fd_open_when_the_table_is_full(tmp_path):
     assert store.read_hit(B, 0, 0, 10, 100) is None
 
 
+def test_a_new_fd_stays_in_the_table_when_every_other_was_read(tmp_path):
+    store = BlockStore(tmp_path, 1000, max_open=2)
+    opened(store, A, b"a" * 100)
+    opened(store, B, b"b" * 100)
+    assert store.read_hit(A, 0, 0, 10, 100) is not None
+    assert store.read_hit(B, 0, 0, 10, 100) is not None
+    opened(store, C, b"c" * 100)  # both others had a second chance: the older of them goes
+    assert list(store._open) == [(B, 0), (C, 0)]  # noqa: SLF001
+    assert store.read_hit(C, 0, 0, 10, 100) == b"c" * 10
+
+
 def test_read_hit_recency_survives_restart(tmp_path):
     store = BlockStore(tmp_path, 300)
     for k in (A, B, C):

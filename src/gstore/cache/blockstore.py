@@ -651,7 +651,7 @@ class BlockStore:
             if current and not self._closed and k not in self._open and self._max_open:
                 # Still the very block whose file we opened: keep the fd.
                 self._open[k] = handle
-                self._trim_open_locked()
+                self._trim_open_locked(k)
             else:
                 handle.doomed = True  # read once, then closed by _unpin
         return handle, whole
@@ -695,7 +695,7 @@ class BlockStore:
             if self._closed or k in self._open or self._index.get(k) is not entry:
                 return False
             self._open[k] = _OpenBlock(fd, size, users=0, ahead=True)
-            self._trim_open_locked()
+            self._trim_open_locked(k)
         return True
 
     def _unpin(self, handle: _OpenBlock) -> None:
@@ -716,12 +716,18 @@ class BlockStore:
         self._reordered = True
         return True
 
-    def _trim_open_locked(self) -> None:
-        """Close the least recently read fds beyond ``max_open`` (under the lock)."""
+    def _trim_open_locked(self, added: _Key) -> None:
+        """Close the least recently read fds beyond ``max_open`` (under the lock).
+
+        ``added``, the fd just put in, is the most recent: it stays even when every
+        other one has its second chance first (they all move behind it).
+        """
         table = self._open
         while len(table) > self._max_open:
             k = next(iter(table))
-            if not self._second_chance_locked(k, table[k]):
+            if k == added:
+                table.move_to_end(k)
+            elif not self._second_chance_locked(k, table[k]):
                 self._drop_open_locked(k)
 
     def _drop_open_locked(self, k: _Key) -> None:
