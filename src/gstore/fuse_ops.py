@@ -201,9 +201,10 @@ class Operations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         # The cache-hit path first: a lookup and a pread, no await (no task switch),
-        # no context manager. Anything else, errors included, takes the full path.
+        # no context manager. Anything else, errors included, takes the full path: an
+        # unknown fh (None) or a folder's has no read_cached, and read() answers EBADF.
         try:
-            data = self.fs.file_handle(fh).read_cached(off, size)
+            data = self.fs.handle_at(fh).read_cached(off, size)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - read() below meets the same error and reports it
             data = None
         if data is not None:

@@ -506,11 +506,17 @@ def test_thread_hammer(tmp_path):
                 op = rng.random()
                 if op < 0.45:
                     store.put(k, i, want)
-                elif op < 0.97:
+                elif op < 0.71:
                     off, ln = rng.randrange(len(want) + 5), rng.randrange(len(want) + 5)
                     got = store.read(k, i, off, ln, len(want))
                     if got is not None and got != want[off : off + ln]:
                         errors.append(f"wrong bytes for {k[:6]}/{i}")
+                elif op < 0.97:
+                    off = rng.randrange(len(want) + 1)
+                    ln = rng.randrange(len(want) - off + 1)
+                    got = store.read_hit(k, i, off, ln, len(want))
+                    if got is not None and got != want[off : off + ln]:
+                        errors.append(f"wrong bytes from read_hit for {k[:6]}/{i}")
                 elif op < 0.99:
                     store.contains(k, i)
                 else:
@@ -611,6 +617,115 @@ def test_block_evicted_after_open_still_reads_right_bytes(tmp_path, monkeypatch)
     assert not store.contains(A, 0) and store.usage() == 150
 
 
+# -- the cache-hit path (read_hit) ---------------------------------------------------
+
+
+def opened(store: BlockStore, k: str, data: bytes) -> None:
+    """Put a block and read it once through read(), which puts its fd in the open table."""
+    store.put(k, 0, data)
+    assert store.read(k, 0, 0, 1, len(data)) == data[:1]
+
+
+def test_read_hit_answers_only_blocks_read_once(tmp_path):
+    store = BlockStore(tmp_path, 1000)
+    store.put(A, 0, b"a" * 100)
+    assert store.read_hit(A, 0, 0, 10, 100) is None  # no fd open yet: read() opens it
+    assert store.read(A, 0, 0, 10, 100) == b"a" * 10
+    assert store.read_hit(A, 0, 10, 20, 100) == b"a" * 20
+    assert store.read_hit(A, 0, 0, 10, 99) is None  # not the length the caller expects
+    assert store.read_hit(A, 0, 95, 10, 100) is None  # past the block's end: read() clips
+    assert store.read_hit(B, 0, 0, 10, 100) is None
+    assert store.stats().hits == 2  # the read and the one read_hit that answered
+
+
+def test_read_hit_never_answers_an_evicted_or_replaced_block(tmp_path):
+    store = BlockStore(tmp_path, 200)
+    opened(store, A, b"a" * 100)
+    store.put(A, 0, b"A" * 100)  # replaced: the old fd leaves the table with the old entry
+    assert store.read_hit(A, 0, 0, 100, 100) is None
+    assert store.read(A, 0, 0, 100, 100) == b"A" * 100
+    assert store.read_hit(A, 0, 0, 100, 100) == b"A" * 100
+    store.put(B, 0, b"b" * 150)  # evicts A
+    assert store.read_hit(A, 0, 0, 100, 100) is None
+    assert store._open == {}  # noqa: SLF001 - its fd was closed with it
+
+
+def test_read_hit_pread_and_an_eviction_on_another_thread_do_not_overlap(tmp_path, monkeypatch):
+    """An eviction racing the hit path's pread waits for it: the fd cannot be closed (and its
+    number reused by the evicting put's new file) under the pread, which would answer EBADF or
+    another block's bytes."""
+    store = BlockStore(tmp_path, 200)
+    opened(store, A, b"a" * 100)
+    real_pread = blockstore.os.pread
+    evicted = threading.Event()
+    errors: list[BaseException] = []
+
+    def evict() -> None:
+        try:
+            store.put(B, 0, b"b" * 150)  # evicts A and closes its fd
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        evicted.set()
+
+    def pread_while_evicting(fd, length, offset):
+        monkeypatch.setattr(blockstore.os, "pread", real_pread)
+        thread = threading.Thread(target=evict)
+        thread.start()
+        # A hit path without the lock would let the put run to its end here.
+        evicted.wait(0.5)
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(blockstore.os, "pread", pread_while_evicting)
+    assert store.read_hit(A, 0, 0, 100, 100) == b"a" * 100
+    assert evicted.wait(10) and errors == []
+    assert not store.contains(A, 0) and store.read_hit(A, 0, 0, 100, 100) is None
+    assert store.read(B, 0, 0, 150, 150) == b"b" * 150
+
+
+def test_a_block_read_only_by_read_hit_is_still_recently_used(tmp_path):
+    store = BlockStore(tmp_path, 300)
+    for k in (A, B, C):
+        opened(store, k, b"x" * 100)  # LRU order: A, B, C
+    assert store.read_hit(A, 0, 0, 10, 100) is not None  # A is the most recent now
+    store.put(D, 0, b"d" * 100)  # evicts B, not A
+    assert [store.contains(k, 0) for k in (A, B, C, D)] == [True, False, True, True]
+    store.put(B, 0, b"b" * 100)  # A had its second chance and was not read since: evicts C
+    assert [store.contains(k, 0) for k in (A, B, C, D)] == [True, True, False, True]
+
+
+def test_read_hit_keeps_its_fd_open_when_the_table_is_full(tmp_path):
+    store = BlockStore(tmp_path, 1000, max_open=2)
+    opened(store, A, b"a" * 100)
+    opened(store, B, b"b" * 100)  # the table: A, B
+    assert store.read_hit(A, 0, 0, 10, 100) is not None
+    opened(store, C, b"c" * 100)  # one fd too many: B's is closed, A was just read
+    assert set(store._open) == {(A, 0), (C, 0)}  # noqa: SLF001
+    assert store.read_hit(A, 0, 0, 10, 100) == b"a" * 10
+    assert store.read_hit(B, 0, 0, 10, 100) is None
+
+
+def test_a_new_fd_stays_in_the_table_when_every_other_was_read(tmp_path):
+    store = BlockStore(tmp_path, 1000, max_open=2)
+    opened(store, A, b"a" * 100)
+    opened(store, B, b"b" * 100)
+    assert store.read_hit(A, 0, 0, 10, 100) is not None
+    assert store.read_hit(B, 0, 0, 10, 100) is not None
+    opened(store, C, b"c" * 100)  # both others had a second chance: the older of them goes
+    assert list(store._open) == [(B, 0), (C, 0)]  # noqa: SLF001
+    assert store.read_hit(C, 0, 0, 10, 100) == b"c" * 10
+
+
+def test_read_hit_recency_survives_restart(tmp_path):
+    store = BlockStore(tmp_path, 300)
+    for k in (A, B, C):
+        opened(store, k, b"x" * 100)
+    assert store.read_hit(A, 0, 0, 10, 100) is not None
+    store.close()
+    store = BlockStore(tmp_path, 300)
+    store.put(D, 0, b"d" * 100)  # evicts B, the least recently used before the restart
+    assert [store.contains(k, 0) for k in (A, B, C, D)] == [True, False, True, True]
+
+
 # -- model-based ------------------------------------------------------------------
 
 MODEL_KEYS = [key(i) for i in range(3)]
@@ -655,6 +770,18 @@ class BlockStoreMachine(RuleBasedStateMachine):
         if want is None:
             assert got is None
         elif got is not None:
+            assert got == want[offset : offset + length]
+
+    @rule(k=st.sampled_from(MODEL_KEYS), index=st.integers(0, 3), offset=st.integers(0, 40),
+          length=st.integers(0, 40))
+    def read_hit(self, k, index, offset, length):
+        want = self.model.get((k, index))
+        if want is None:
+            assert self.store.read_hit(k, index, 0, 0, 0) is None
+            return
+        offset, length = min(offset, len(want)), min(length, len(want) - min(offset, len(want)))
+        got = self.store.read_hit(k, index, offset, length, len(want))
+        if got is not None:
             assert got == want[offset : offset + length]
 
     @precondition(lambda self: self.model)

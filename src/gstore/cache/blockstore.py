@@ -68,6 +68,10 @@ taken out of the table while pinned is closed by its last reader, so no
 thread ever closes an fd another thread is reading (a reused fd number would
 serve another file's bytes). Closing under the lock is cheap: a removed block
 still has its ``.tmp.*`` name at that point, so the close frees no extents.
+A hit through the table (:meth:`BlockStore.read_hit`, the FUSE cache-hit path)
+preads under the lock instead of pinning, and moves nothing in the LRU orders:
+it flags the fd (``hit``), and the block is moved to the recent end of the index
+and the table when it reaches the head of either (a second chance) or at close().
 
 Readahead: after a restart the block files are usually not in the page cache,
 and a 4 KiB-at-a-time read of a cold file waits on the disk at every kernel
@@ -280,15 +284,20 @@ def _write_marker_file(path: str, tmp: str, content: bytes) -> None:
 class _OpenBlock:
     """An fd of a block file kept open for reads (see "Open blocks" above)."""
 
-    __slots__ = ("fd", "users", "doomed", "ahead")
+    __slots__ = ("fd", "size", "users", "doomed", "ahead", "hit")
 
-    def __init__(self, fd: int, *, users: int = 1, ahead: bool = False) -> None:
+    def __init__(self, fd: int, size: int, *, users: int = 1, ahead: bool = False) -> None:
         self.fd = fd
+        self.size = size  # the block's length (its index entry's; the file's, checked at open)
         self.users = users  # readers between their pin and their release, under the store lock
         self.doomed = False  # out of the table: the last user closes it
         # Opened by readahead and not read yet: its first read reads the next block ahead.
         # Read and cleared under the store lock.
         self.ahead = ahead
+        # Read by read_hit since the LRU orders last moved the block (under the store lock):
+        # whoever clears it moves the block to the recent end of the index and the table
+        # (_second_chance_locked), so a hit costs a flag instead of two moves.
+        self.hit = False
 
 
 class BlockStore:
@@ -551,6 +560,52 @@ class BlockStore:
             self._read_ahead(object_key, index + 1)
         return data
 
+    def read_hit(
+        self, object_key: str, index: int, offset: int, length: int, expected_len: int,
+    ) -> bytes | None:
+        """``length`` bytes at ``offset`` of a block whose fd is open, or None: ask :meth:`read`.
+
+        The cache-hit fast path (a cached 4 KiB read spends most of its Python time
+        here): one lock round trip around a dict lookup and the ``pread``, and no
+        other call. It serves only what needs none of read()'s
+        checks: a block in the open-fd table (verified; its length checked when it
+        was opened) of the length the caller expects, already read once (the first
+        read of an ``ahead`` fd starts the next block's readahead, which read()
+        does), and a range inside the block (``offset + length <= expected_len``,
+        the caller clips). Anything else, a short or failed pread included, is None
+        with nothing counted, and read() meets the same case again and handles it
+        (logs, drops a bad block). The hit moves nothing in the LRU orders: it flags
+        the fd, and the block gets its move when it reaches the head of either order
+        (a second chance, as in CLOCK) or at close(), whichever comes first.
+
+        The ``pread`` runs under the lock, the one read that does: an fd in the
+        table is only ever closed under the lock after it left the table
+        (``_drop_open_locked``), or by the last reader of one that already left it
+        (``_unpin``), so no pin is needed; one lock round trip instead of two (pin,
+        unpin) is a tenth of a hit's Python time. What the lock then waits for is
+        one request's bytes (at most 1 MiB) of a block file the kernel was told to
+        keep cached (``POSIX_FADV_WILLNEED`` at open): a memory copy. Another thread
+        that wants the lock meanwhile (a put, a verification) waits that long; the
+        trio thread, the only one that calls this, is in the pread anyway.
+        """
+        k = (object_key, index)
+        lock = self._lock
+        lock.acquire()  # acquire/release rather than ``with``: a third of the cost here
+        try:
+            handle = self._open.get(k)
+            if handle is None or handle.ahead or handle.size != expected_len:
+                return None
+            data = os.pread(handle.fd, length, offset)
+            if len(data) != length:
+                return None
+            handle.hit = True  # the LRU move, deferred (_second_chance_locked)
+            self._hits += 1
+            return data
+        except OSError:
+            return None
+        finally:
+            lock.release()
+
     def _open_block(
         self, k: _Key, entry: _Entry, *, read_ahead: bool,
     ) -> tuple[_OpenBlock, bytes | None] | None:
@@ -588,7 +643,7 @@ class BlockStore:
             os.close(fd)
             self._failed_read(k, entry, corrupt=True, drop=True)
             return None
-        handle = _OpenBlock(fd)
+        handle = _OpenBlock(fd, size)
         with self._lock:
             current = self._index.get(k) is entry  # not replaced, evicted or verified by another reader
             if current and not verified:
@@ -596,8 +651,7 @@ class BlockStore:
             if current and not self._closed and k not in self._open and self._max_open:
                 # Still the very block whose file we opened: keep the fd.
                 self._open[k] = handle
-                while len(self._open) > self._max_open:
-                    self._drop_open_locked(next(iter(self._open)))
+                self._trim_open_locked(k)
             else:
                 handle.doomed = True  # read once, then closed by _unpin
         return handle, whole
@@ -640,9 +694,8 @@ class BlockStore:
         with self._lock:
             if self._closed or k in self._open or self._index.get(k) is not entry:
                 return False
-            self._open[k] = _OpenBlock(fd, users=0, ahead=True)
-            while len(self._open) > self._max_open:
-                self._drop_open_locked(next(iter(self._open)))
+            self._open[k] = _OpenBlock(fd, size, users=0, ahead=True)
+            self._trim_open_locked(k)
         return True
 
     def _unpin(self, handle: _OpenBlock) -> None:
@@ -651,6 +704,31 @@ class BlockStore:
             close = handle.doomed and handle.users == 0
         if close:
             os.close(handle.fd)
+
+    def _second_chance_locked(self, k: _Key, handle: _OpenBlock | None) -> bool:
+        """At the LRU head of the index or the table (under the lock): if read_hit read the
+        block since it last moved, move it to the recent end of both now and say so (keep it)."""
+        if handle is None or not handle.hit:
+            return False
+        handle.hit = False
+        self._index.move_to_end(k)
+        self._open.move_to_end(k)
+        self._reordered = True
+        return True
+
+    def _trim_open_locked(self, added: _Key) -> None:
+        """Close the least recently read fds beyond ``max_open`` (under the lock).
+
+        ``added``, the fd just put in, is the most recent: it stays even when every
+        other one has its second chance first (they all move behind it).
+        """
+        table = self._open
+        while len(table) > self._max_open:
+            k = next(iter(table))
+            if k == added:
+                table.move_to_end(k)
+            elif not self._second_chance_locked(k, table[k]):
+                self._drop_open_locked(k)
 
     def _drop_open_locked(self, k: _Key) -> None:
         """Take a block's fd out of the table (the block leaves the index); under the lock."""
@@ -841,6 +919,9 @@ class BlockStore:
         """Evict LRU blocks until at most ``limit`` bytes are used; moved files go to ``trash``."""
         index = self._index
         while self._used > limit and index:
+            k = next(iter(index))
+            if self._second_chance_locked(k, self._open.get(k)):
+                continue
             (key, block), (size, crc, _verified) = index.popitem(last=False)
             self._drop_open_locked((key, block))
             self._used -= size
@@ -861,6 +942,9 @@ class BlockStore:
         with self._lock:
             index = self._index
             while index and (freed < needed or count == 0):
+                k = next(iter(index))
+                if self._second_chance_locked(k, self._open.get(k)):
+                    continue
                 count += 1
                 (key, block), (size, crc, _verified) = index.popitem(last=False)
                 self._drop_open_locked((key, block))
@@ -938,6 +1022,8 @@ class BlockStore:
             if self._closed:
                 return
             self._closed = True  # no put renames a block into place after this
+            for k, handle in list(self._open.items()):  # the hits read_hit only flagged
+                self._second_chance_locked(k, handle)
             order = list(self._index.items()) if self._reordered else []
             unverified = [_block_name(key, block, crc)
                           for (key, block), (_size, crc, ok) in self._index.items() if not ok]

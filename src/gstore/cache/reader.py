@@ -270,37 +270,57 @@ class BlockReader:
         the pread's own bytes object). A None costs nothing but the lookups: the
         caller then awaits :meth:`read`, which records the access once.
         """
-        info = stream.info
-        total = info.size
-        if offset >= total or size <= 0:
-            return None  # EOF and the like: the slow path answers them
-        end = min(total, offset + size)
+        # Written for the interpreter: every builtin call (min, max) and lookup here is
+        # paid on each cached read.
+        total = stream.info.size
+        end = offset + size
+        if end > total:
+            end = total
+        if offset >= end:
+            return None  # EOF, an empty read: the slow path answers them
         bs = self.block_size
-        first, last = offset // bs, (end - 1) // bs
-        store = self._store
-        key = stream.cache_key
-        if first == last:
-            start = first * bs
-            data = store.read(key, first, offset - start, end - offset, min(bs, total - start),
-                              count_miss=False, verify=False)
+        first = offset // bs
+        start = first * bs
+        if end - start <= bs:  # one block: nearly every read (the kernel asks at most 1 MiB)
+            expected = total - start
+            if expected > bs:
+                expected = bs
+            data = self._store.read_hit(stream.cache_key, first, offset - start, end - offset, expected)
+            if data is None:
+                data = self._store.read(stream.cache_key, first, offset - start, end - offset, expected,
+                                        count_miss=False, verify=False)
+                if data is None:
+                    return None
+            last = first
+        else:
+            last = (end - 1) // bs
+            data = self._read_cached_blocks(stream, offset, end, first, last)
             if data is None:
                 return None
-        else:
-            for index in range(first, last + 1):
-                if not store.contains(key, index):
-                    return None
-            pieces: list[bytes] = []
-            for index in range(first, last + 1):
-                start = index * bs
-                piece = store.read(key, index, max(offset, start) - start, min(end, start + bs) - max(offset, start),
-                                   min(bs, total - start), verify=False)
-                if piece is None:
-                    return None  # gone since contains(): the slow path fetches it
-                pieces.append(piece)
-            data = b"".join(pieces)
         self.stats.hit_bytes += len(data)
         self._track_pattern(stream, offset, end, first, last)
         return data
+
+    def _read_cached_blocks(
+        self, stream: ReadStream, offset: int, end: int, first: int, last: int,
+    ) -> bytes | None:
+        """read_cached() of a range over several blocks: all of them cached, or None."""
+        store = self._store
+        key = stream.cache_key
+        bs = self.block_size
+        total = stream.info.size
+        for index in range(first, last + 1):
+            if not store.contains(key, index):
+                return None
+        pieces: list[bytes] = []
+        for index in range(first, last + 1):
+            start = index * bs
+            piece = store.read(key, index, max(offset, start) - start, min(end, start + bs) - max(offset, start),
+                               min(bs, total - start), verify=False)
+            if piece is None:
+                return None  # gone since contains(): the slow path fetches it
+            pieces.append(piece)
+        return b"".join(pieces)
 
     async def read(self, stream: ReadStream, offset: int, size: int) -> bytes:
         total = stream.info.size
@@ -438,20 +458,25 @@ class BlockReader:
     def _track_pattern(self, stream: ReadStream, offset: int, end: int, first: int, last: int) -> None:
         # The kernel issues its own readahead requests concurrently, so a
         # sequential stream may arrive slightly out of order: allow one block of slack.
-        sequential = stream.next_offset > 0 and abs(offset - stream.next_offset) <= self.block_size
-        if offset == 0 and stream.next_offset == 0:
-            sequential = True
-        if sequential:
-            stream.sequential_hits += 1
-            if last > stream.last_block:
-                # Entering a new block while streaming: widen the window.
-                stream.window = 1 if stream.window == 0 else min(self._max_window, stream.window * 2)
+        # The random case is the short branch: it runs on every cached random read.
+        expected = stream.next_offset
+        bs = self.block_size
+        if (expected > 0 and -bs <= offset - expected <= bs) or (offset == 0 and expected == 0):
+            self._track_sequential(stream, end, last)
         else:
-            stream.sequential_hits = 0
-            stream.window = 0
-            stream.prefetched_to = last
-        stream.next_offset = max(end, stream.next_offset if sequential else end)
-        stream.last_block = max(last, stream.last_block) if sequential else last
+            stream.sequential_hits = stream.window = 0
+            stream.prefetched_to = stream.last_block = last
+            stream.next_offset = end
+
+    def _track_sequential(self, stream: ReadStream, end: int, last: int) -> None:
+        """One more read of a sequential stream: widen the window, prefetch when it is due."""
+        stream.sequential_hits += 1
+        if last > stream.last_block:
+            # Entering a new block while streaming: widen the window.
+            stream.window = 1 if stream.window == 0 else min(self._max_window, stream.window * 2)
+            stream.last_block = last
+        if end > stream.next_offset:
+            stream.next_offset = end
         if stream.window and stream.sequential_hits >= 2:
             self._schedule_prefetch(stream, last)
 

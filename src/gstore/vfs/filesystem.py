@@ -91,6 +91,9 @@ class FileSystem:
         self.content = MountContent(backend, metadata, reader, self.inodes, pending)
         self._attr_ttl = attr_ttl
         self._handles: dict[int, FileHandle | DirHandle] = {}
+        #: The handle open as ``fh``, or None: the table's own ``get`` (one builtin call) for
+        #: the cache-hit read path (fuse_ops.Operations.read). ``_handles`` is never rebound.
+        self.handle_at: Callable[[int], FileHandle | DirHandle | None] = self._handles.get
         self._next_handle = itertools.count(1)
         self.control: ControlFiles | None = None
         # Inodes whose attributes changed behind the kernel's cache (another writer's new

@@ -185,6 +185,10 @@ class PendingFiles:
         self._reader = reader
         self.locks = PathLocks()
         self._by_path: dict[str, StagedFile] = {}
+        #: ``get`` as one builtin call (the dict's own bound ``get``), for the cache-hit read
+        #: path, which asks it on every read (vfs.handles.ObjectHandle.read_cached). Safe
+        #: because ``_by_path`` is never rebound, only changed in place.
+        self.staged_at: Callable[[str], StagedFile | None] = self._by_path.get
         self._by_id: dict[str, StagedFile] = {}  # also the detached (unlinked-but-open) ones
         self.scheduler = UploadScheduler(self._upload_one, delay=delay, concurrency=concurrency)
         self.uploader = Uploader(backend, staging, ensure_local=self.ensure_local, policy=policy,
