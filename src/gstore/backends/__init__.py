@@ -81,6 +81,15 @@ def make_backend(
             config_kwargs.setdefault("connect_timeout", connect)
             opts["config_kwargs"] = config_kwargs
         fs = fsspec.filesystem("s3", **opts)
+        if fs.session is None:
+            # The session s3fs would make at its first request, made now so that its
+            # clients parse LIST pages' timestamps quickly (gstore.backends.s3.parse_timestamp).
+            from aiobotocore.session import AioSession  # type: ignore[import-untyped]
+
+            from gstore.backends.s3 import use_fast_timestamps
+
+            fs.session = AioSession(**fs.kwargs)
+            use_fast_timestamps(fs.session)
         if resilient:
             fs.retries = 1  # s3fs's own retry loop (a class attribute, not an option)
         inner: StorageBackend = S3Backend(fs, root, request_timeout=request_timeout)
