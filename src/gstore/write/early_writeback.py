@@ -3,9 +3,10 @@
 A close of a staged file over ``INLINE_LIMIT`` fsyncs its data before it returns
 (:mod:`gstore.write.staging`): the file survives a power loss from then on. For a
 large file written in one go (``cp``, ``dd``, an export), that fsync then writes
-everything at once: 0.3-0.45 s of a 256 MiB close on this project's test VM,
-about a fifth of the time from the first write to the close returning. The kernel would have had the disk idle
-meanwhile: its own writeback starts only after ``dirty_expire_centisecs`` (30 s).
+everything at once: 0.15-0.45 s of a 256 MiB close on this project's test VM,
+a fifth of the time from the first write to the close returning, while the
+disk had been idle: the kernel's own writeback starts only after
+``dirty_expire_centisecs`` (30 s).
 
 So each time a program appending to a staged file completes a step of
 ``STEP`` bytes, this asks the kernel to start writing that step to disk
@@ -77,10 +78,6 @@ class EarlyWriteback:
         self._running = False
         self._closed = False
         self.started = 0  # ranges handed to the kernel (tests, status)
-
-    @property
-    def available(self) -> bool:
-        return _sync_file_range is not None
 
     def appended(self, data_path: Path, before: int, offset: int, end: int) -> None:
         """A write of ``[offset, end)`` to a staged file of ``before`` bytes landed (trio thread)."""

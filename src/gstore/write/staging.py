@@ -621,8 +621,8 @@ class StagingArea:
                         del self._records_unsynced[staged_id]
 
     def close(self, timeout: float = 10.0) -> bool:
-        """Let the background threads (spares, removals, record syncs, early writeback) finish what they have,
-        without their pauses, and wait for them: a stopped mount leaves its staging
+        """Let the background threads (spares, removals, record syncs) finish what they have,
+        without their pauses, and the early writeback thread its current call, and wait for them: a stopped mount leaves its staging
         directory still, so a new start over it (or removing it) races with nothing.
         False (logged) if they took longer than ``timeout``; nothing is lost then: a
         record not fsynced is in the page cache, and the next start removes orphans."""
@@ -630,8 +630,9 @@ class StagingArea:
         self.early_writeback.close()
         deadline = time.monotonic() + timeout
         while True:
+            busy = self.early_writeback.busy()
             with self._spares_lock:
-                busy = self._filling or self.early_writeback.busy()
+                busy = busy or self._filling
             with self._removals_lock:
                 busy = busy or self._removals_syncing
             with self._record_sync_lock:
