@@ -514,7 +514,7 @@ _FIELDS: dict[str, _Field] = {
         _Field("upload_concurrency", _conv_int, "N",
                "most files uploading at once", "8", minimum=1, maximum=1024),
         _Field("part_concurrency", _conv_int, "N",
-               "most multipart parts in flight at once, mount-wide (each holds one part, 8 MiB, in memory)",
+               "most multipart parts in flight at once, mount-wide (each streamed from the staging file)",
                "8", minimum=1, maximum=256),
         _Field("drain_timeout", _conv_duration, "DUR",
                "seconds to wait for pending uploads when unmounting", "300"),

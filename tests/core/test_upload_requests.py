@@ -5,7 +5,9 @@
   existing key; another writer's object created meanwhile is still a conflict.
 * On a store that ignores the header (a wrapper that drops it, over the same
   real S3 endpoint), the probe says so and the HEAD stays.
-* Multipart uploads of several files run at once (one mount-wide part limiter).
+* Multipart uploads of several files run at once (one mount-wide part limiter);
+  ``user.md5`` of each is known at once (computed beside the parts), and right
+  when the file was written while its parts went up.
 * The staging file's descriptor stays open while the file is open, and only then.
 * Once an upload is confirmed its journal record is gone before the file is retired:
   a crash afterwards recovers nothing, and a file removed after its upload stays removed.
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from gstore.write.uploader import Uploader
 
 from .conftest import open_core
 from .model import pattern
+from .posix_kernel import PosixKernel
 
 NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 
@@ -146,6 +150,65 @@ async def test_multipart_uploads_of_several_files_at_once(tmp_path: Path) -> Non
         assert h.bucket.files() == files
         for path, data in files.items():
             assert await h.kernel.read_file(path) == data
+            assert await user_md5(h, path) == hashlib.md5(data).hexdigest()
+        assert h.fs.xattrs.md5_computed == 0, "the uploads' own digests answered, no object was read again"
+
+
+async def user_md5(h: Any, path: str) -> str:
+    return (await PosixKernel.of(h).getxattr(path, "user.md5")).decode()
+
+
+class PausesInItsFirstPart:
+    """The first part upload of the mount waits (after ``reached``) until ``resume`` is set."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.reached = trio.Event()
+        self.resume = trio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def upload_part(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.reached.is_set():
+            self.reached.set()
+            await self.resume.wait()
+        return await self._inner.upload_part(*args, **kwargs)
+
+
+async def test_a_write_during_a_multipart_upload_leaves_no_stale_whole_md5(tmp_path: Path) -> None:
+    """The whole-object digest is read beside the parts, at other moments: a write while they
+    go up falls between the two passes (here: after the whole-object pass, before the second
+    part's), and ``user.md5`` must then be that of the bytes, not of that upload's digest."""
+    size = 12 * 1024 * 1024
+    wrappers: list[PausesInItsFirstPart] = []
+
+    def wrap(inner: Any) -> Any:
+        wrappers.append(PausesInItsFirstPart(inner))
+        return wrappers[-1]
+
+    # One part in flight: while the first is held, the second is not read yet, so the write
+    # below lands in bytes its own pass will see but the whole-object pass (done) did not.
+    async with open_core(tmp_path, backend="s3", write_back_delay=3600, wrap_backend=wrap,
+                         part_concurrency=1) as h:
+        assert h.bucket is not None
+        first = pattern("first", size)
+        await h.kernel.write_file("big.bin", first)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h.drain, 120)
+            with trio.fail_after(60):
+                await wrappers[-1].reached.wait()
+                # The whole-object pass runs in its own thread: let it finish before the write,
+                # so only the generation check can tell its digest is stale.
+                await trio.sleep(1)
+            fd = await h.kernel.open("big.bin", os.O_WRONLY)
+            await h.kernel.pwrite(fd, b"changed", size - 100)
+            await h.kernel.close(fd)
+            wrappers[-1].resume.set()
+        assert await h.drain(timeout=120) == []
+        second = first[:size - 100] + b"changed" + first[size - 93:]
+        assert h.bucket.files() == {"big.bin": second}
+        assert await user_md5(h, "big.bin") == hashlib.md5(second).hexdigest()
 
 
 def staging_fds(staging_dir: Path) -> list[str]:

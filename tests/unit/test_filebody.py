@@ -16,6 +16,7 @@ import base64
 import errno
 import hashlib
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ import pytest
 import trio
 
 from gstore.backends import make_backend
-from gstore.backends.filebody import FileRegion, RegionReader
+from gstore.backends.filebody import FileRegion, RegionReader, md5_of_file
 from gstore.errors import classify
 
 MiB = 1024 * 1024
@@ -50,10 +51,9 @@ def _open_fds_to(path: Path) -> int:
 
 def test_region_is_hashed_in_one_pass_and_read_back_exactly(tmp_path: Path) -> None:
     data = _write(tmp_path / "f", 3 * MiB + 123)
-    whole = hashlib.md5()
-    region = FileRegion.hashed(str(tmp_path / "f"), MiB + 5, 2 * MiB, also=whole)
+    region = FileRegion.hashed(str(tmp_path / "f"), MiB + 5, 2 * MiB)
     expected = data[MiB + 5: 3 * MiB + 5]
-    assert region.md5_hex == hashlib.md5(expected).hexdigest() == whole.hexdigest()
+    assert region.md5_hex == hashlib.md5(expected).hexdigest()
     assert region.md5_b64 == base64.b64encode(hashlib.md5(expected).digest()).decode()
     assert len(region) == 2 * MiB
     reader = region.open()
@@ -134,12 +134,11 @@ def test_s3_streams_a_region_with_its_content_md5(s3_server: Any, bucket: str, t
         info = await backend.put_bytes("small.bin", small)
         assert info.etag == small.md5_hex and info.size == 3 * MiB
         upload_id = await backend.start_multipart("big.bin")
-        whole = hashlib.md5()
-        regions = [FileRegion.hashed(str(path), start, min(len(data), start + 8 * MiB) - start, whole)
+        regions = [FileRegion.hashed(str(path), start, min(len(data), start + 8 * MiB) - start)
                    for start in range(0, len(data), 8 * MiB)]
         parts = [await backend.upload_part("big.bin", upload_id, n, r) for n, r in enumerate(regions, 1)]
         await backend.complete_multipart("big.bin", upload_id, parts, if_none_match=True)
-        assert whole.hexdigest() == hashlib.md5(data).hexdigest()
+        assert md5_of_file(str(path), len(data), threading.Event()) == hashlib.md5(data).hexdigest()
         head = await backend.head("big.bin")
         assert head is not None and head.size == len(data)
         assert await backend.read_range("big.bin", 8 * MiB - 3, 8 * MiB + 3, head) == data[8 * MiB - 3: 8 * MiB + 3]
@@ -230,3 +229,14 @@ def test_fsspec_backend_stores_a_region_only_with_its_hashed_bytes(tmp_path: Pat
         await backend.aclose()
 
     trio.run(main)
+
+
+def test_whole_file_md5_stops_between_chunks_when_asked(tmp_path: Path) -> None:
+    data = _write(tmp_path / "f", 3 * MiB + 7)
+    assert md5_of_file(str(tmp_path / "f"), len(data), threading.Event()) == hashlib.md5(data).hexdigest()
+    # Past the end of the file: zeros, as the staging file reads (a sparse tail).
+    longer = len(data) + 100
+    assert md5_of_file(str(tmp_path / "f"), longer, threading.Event()) == hashlib.md5(data + bytes(100)).hexdigest()
+    stopped = threading.Event()
+    stopped.set()
+    assert md5_of_file(str(tmp_path / "f"), len(data), stopped) is None

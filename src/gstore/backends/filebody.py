@@ -65,12 +65,8 @@ class FileRegion:
     md5: bytes  # the 16-byte digest of the region, as read by the hashing pass
 
     @classmethod
-    def hashed(cls, path: str, start: int, length: int, also: Any = None) -> FileRegion:
-        """Read the region once and remember its MD5 (blocking: a worker thread).
-
-        ``also`` (a hashlib object) is fed the same bytes: the whole object's MD5
-        built part by part, from exactly the bytes each part's Content-MD5 names.
-        """
+    def hashed(cls, path: str, start: int, length: int) -> FileRegion:
+        """Read the region once and remember its MD5 (blocking: a worker thread)."""
         digest = hashlib.md5()
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -78,8 +74,6 @@ class FileRegion:
             while done < length:
                 chunk = _pread_padded(fd, min(HASH_CHUNK, length - done), start + done)
                 digest.update(chunk)
-                if also is not None:
-                    also.update(chunk)
                 done += len(chunk)
         finally:
             os.close(fd)
@@ -181,4 +175,28 @@ class RegionReader(io.RawIOBase):
         super().close()
 
 
-__all__ = ["FileRegion", "RegionReader"]
+def md5_of_file(path: str, length: int, stop: threading.Event) -> str | None:
+    """The MD5 of the first ``length`` bytes of ``path`` (blocking), or None once ``stop`` is set.
+
+    The whole object's digest of a multipart upload, computed beside the parts'
+    own (see ``Uploader._multipart``): MD5 runs at ~420 MiB/s here, and feeding
+    both digests from one pass made that pass (two digests per byte, ~200 MiB/s)
+    the limit of every large upload. ``stop`` is checked between chunks, so a
+    cancelled upload leaves this thread within one chunk.
+    """
+    digest = hashlib.md5()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        done = 0
+        while done < length:
+            if stop.is_set():
+                return None
+            chunk = _pread_padded(fd, min(HASH_CHUNK, length - done), done)
+            digest.update(chunk)
+            done += len(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+__all__ = ["FileRegion", "RegionReader", "md5_of_file"]

@@ -34,9 +34,10 @@ thread: even a small file's open, pread and close there would each give up the
 GIL, and getting it back waits for whichever thread took it (the HTTP stack
 sending other uploads), stalling every request of the mount meanwhile. A small
 file's body usually needs no read at all: the commit of its close kept it
-(:meth:`~gstore.write.staging.StagingArea.take_body`). A part
-is hashed only once its slot is free, and parts of one upload are hashed one
-after another (the whole object's MD5 is built in part order).
+(:meth:`~gstore.write.staging.StagingArea.take_body`). A part is hashed only
+once its slot is free (parts in flight hash in parallel); the whole object's
+MD5 (for ``user.md5``: a multipart ETag is none) is computed in one more
+worker thread beside them.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -53,7 +55,7 @@ import trio
 
 from gstore.backends import objectmeta
 from gstore.backends.base import ObjectInfo, StorageBackend, UploadedPart
-from gstore.backends.filebody import FileRegion
+from gstore.backends.filebody import FileRegion, md5_of_file
 from gstore.errors import BackendError
 from gstore.errors import classify
 from gstore.virtual.content_type import guess_mimetype
@@ -316,9 +318,14 @@ class Uploader:
         copy_set = set(copy_parts)
         upload_id = await backend.start_multipart(target, content_type=content_type, metadata=metadata)
         results: list[UploadedPart] = []
-        md5 = None if copy_parts else hashlib.md5()
+        # Read in a pass of its own, at other moments than the parts: it is the MD5 of what was
+        # sent only if no write came in between, which is what the digest's users check (it
+        # counts for the generation given to ``upload``; any write bumps the file's).
+        whole = None if copy_parts else _WholeObjectMd5(str(staged.data_path), size)
         try:
             async with trio.open_nursery() as nursery:
+                if whole is not None:
+                    nursery.start_soon(whole.compute)
                 for number, (start, end) in enumerate(ranges, start=1):
                     # A slot per part, whoever holds it: the limiter is mount-wide, so part
                     # numbers (the same in every upload) cannot name its borrowers.
@@ -328,15 +335,8 @@ class Uploader:
                         nursery.start_soon(self._copy_part, staged, target, upload_id, number, start, end,
                                            results, slot)
                         continue
-                    try:
-                        # Hashed here, in part order, so ``md5`` (the whole object's) is fed by
-                        # one thread at a time; the sender streams the bytes (bounded memory).
-                        region = await trio.to_thread.run_sync(
-                            FileRegion.hashed, str(staged.data_path), start, end - start, md5)
-                    except BaseException:
-                        self._part_limiter.release_on_behalf_of(slot)
-                        raise
-                    nursery.start_soon(self._send_part, target, upload_id, number, region, results, slot)
+                    nursery.start_soon(self._send_part, str(staged.data_path), target, upload_id, number,
+                                       start, end, results, slot)
             await backend.complete_multipart(target, upload_id, results, if_match=if_match,
                                              if_none_match=if_none_match)
         except BaseException:
@@ -346,16 +346,22 @@ class Uploader:
                 except Exception:  # noqa: BLE001 - the original error matters more
                     log.warning("could not abort multipart upload %s of %s", upload_id, target)
             raise
+        finally:
+            if whole is not None:
+                whole.stop.set()
         info = await backend.head(target)
         if info is None or info.size != size:
             raise BackendError(errno.EIO, f"upload of {target}: the backend reports "
                                f"{'no object' if info is None else f'{info.size} bytes'}, expected {size}",
                                transient=True)
-        return info, md5.hexdigest() if md5 is not None else None
+        return info, whole.digest if whole is not None else None
 
-    async def _send_part(self, target: str, upload_id: str, number: int, region: FileRegion,
+    async def _send_part(self, data_path: str, target: str, upload_id: str, number: int, start: int, end: int,
                          results: list[UploadedPart], slot: object) -> None:
         try:
+            # The part's own MD5 (its Content-MD5), from one pass over its bytes in a worker
+            # thread (parts in flight hash in parallel); the sender then streams the bytes.
+            region = await trio.to_thread.run_sync(FileRegion.hashed, data_path, start, end - start)
             results.append(await self.backend.upload_part(target, upload_id, number, region))
         finally:
             self._part_limiter.release_on_behalf_of(slot)
@@ -368,6 +374,26 @@ class Uploader:
                                                         staged.base, start, end))
         finally:
             self._part_limiter.release_on_behalf_of(slot)
+
+
+class _WholeObjectMd5:
+    """The MD5 of a whole staged file, computed in a worker thread of its own beside the parts.
+
+    It answers ``user.md5`` of the uploaded object at once (a multipart ETag is no
+    MD5). Fed from the parts' own pass it was the upload's limit (two digests per
+    byte in one thread; see ``md5_of_file``). A cancelled upload abandons the
+    thread and sets ``stop``, which the thread sees within one chunk.
+    """
+
+    def __init__(self, path: str, size: int) -> None:
+        self._path = path
+        self._size = size
+        self.stop = threading.Event()
+        self.digest: str | None = None
+
+    async def compute(self) -> None:
+        self.digest = await trio.to_thread.run_sync(
+            md5_of_file, self._path, self._size, self.stop, abandon_on_cancel=True)
 
 
 __all__ = ["ConflictError", "ConflictPolicy", "DEFAULT_PART_CONCURRENCY", "SINGLE_PUT_LIMIT", "UploadResult", "Uploader", "conflict_name", "content_type_for"]
