@@ -164,6 +164,22 @@ def test_data_files_come_from_spares_new_empty_private_and_not_held_open(tmp_pat
     assert {p.stem for p in StagingArea(staging.root).orphans(ids)} == spares, "left spares are orphans at a start"
 
 
+@pytest.mark.parametrize("umask", [0, 0o022, 0o077, 0o277, 0o777])
+def test_spares_and_data_files_are_0600_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """The chmod after each create is skipped where the umask cannot take owner bits away:
+    the files are 0600 either way (a spare, and one made on the trio thread when none is left)."""
+    old = os.umask(umask)
+    try:
+        staging = StagingArea(tmp_path / "staging")
+        first = staging.create("first", base=None, expect=EXPECT_ABSENT, size=0)  # no spare yet: made here
+        assert wait_until(lambda: len(list(staging.root.glob("*.data"))) == 1 + staging_module.SPARE_BATCH)
+        second = staging.create("second", base=None, expect=EXPECT_ABSENT, size=0)  # a spare
+    finally:
+        os.umask(old)
+    for path in [first.data_path, second.data_path, *staging.root.glob("*.data")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, (oct(umask), path.name)
+
+
 class _ProbeBackend:
     """Just what CreateCheck uses; the probe's first PUT hangs until cancelled."""
 
