@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import trio
 
+from gstore.backends.filebody import FileRegion
 from gstore.write import pending as pending_module
 from gstore.write.conditional import PROBE_DIR
 from gstore.write.pending import PendingFiles
@@ -209,6 +210,42 @@ async def test_a_write_during_a_multipart_upload_leaves_no_stale_whole_md5(tmp_p
         second = first[:size - 100] + b"changed" + first[size - 93:]
         assert h.bucket.files() == {"big.bin": second}
         assert await user_md5(h, "big.bin") == hashlib.md5(second).hexdigest()
+
+
+async def test_parts_are_hashed_ahead_of_their_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one part slot, held by the first part, the second is already hashed: when the
+    slot frees it is sent at once, not after 8 MiB more of hashing. No more than one part
+    per slot waits hashed (the third is not read yet)."""
+    size = 20 * 1024 * 1024  # three parts of 8 MiB
+    hashed: list[int] = []
+    original = FileRegion.hashed.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[FileRegion], path: str, start: int, length: int) -> FileRegion:
+        hashed.append(start)
+        return original(cls, path, start, length)
+
+    monkeypatch.setattr(FileRegion, "hashed", classmethod(counting))
+    wrappers: list[PausesInItsFirstPart] = []
+
+    def wrap(inner: Any) -> Any:
+        wrappers.append(PausesInItsFirstPart(inner))
+        return wrappers[-1]
+
+    async with open_core(tmp_path, backend="s3", write_back_delay=3600, wrap_backend=wrap,
+                         part_concurrency=1) as h:
+        assert h.bucket is not None
+        data = pattern("ahead", size)
+        await h.kernel.write_file("big.bin", data)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h.drain, 120)
+            with trio.fail_after(60):
+                await wrappers[-1].reached.wait()
+                while len(hashed) < 2:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.5)  # room for a third hash, were the look-ahead unbounded
+            assert hashed == [0, 8 * 1024 * 1024], "the next part hashed while the first holds the slot"
+            wrappers[-1].resume.set()
+        assert h.bucket.files() == {"big.bin": data}
 
 
 def staging_fds(staging_dir: Path) -> list[str]:

@@ -34,10 +34,11 @@ thread: even a small file's open, pread and close there would each give up the
 GIL, and getting it back waits for whichever thread took it (the HTTP stack
 sending other uploads), stalling every request of the mount meanwhile. A small
 file's body usually needs no read at all: the commit of its close kept it
-(:meth:`~gstore.write.staging.StagingArea.take_body`). A part is hashed only
-once its slot is free (parts in flight hash in parallel); the whole object's
-MD5 (for ``user.md5``: a multipart ETag is none) is computed in one more
-worker thread beside them.
+(:meth:`~gstore.write.staging.StagingArea.take_body`). Parts are hashed ahead
+of their slots (up to as many as there are slots, in parallel threads; a hashed
+part holds no bytes), so a freed slot sends at once; the whole object's MD5
+(for ``user.md5``: a multipart ETag is none) is computed in one more worker
+thread beside them.
 """
 
 from __future__ import annotations
@@ -326,17 +327,22 @@ class Uploader:
             async with trio.open_nursery() as nursery:
                 if whole is not None:
                     nursery.start_soon(whole.compute)
+                # Parts are hashed ahead of their slot (at most as many as there are slots, and
+                # a hashed part holds no bytes): a freed slot sends at once instead of first
+                # waiting for 8 MiB to be hashed.
+                ahead = trio.Semaphore(int(self._part_limiter.total_tokens))
                 for number, (start, end) in enumerate(ranges, start=1):
-                    # A slot per part, whoever holds it: the limiter is mount-wide, so part
-                    # numbers (the same in every upload) cannot name its borrowers.
-                    slot = object()
-                    await self._part_limiter.acquire_on_behalf_of(slot)
                     if (start, end) in copy_set:
+                        # A slot per part, whoever holds it: the limiter is mount-wide, so part
+                        # numbers (the same in every upload) cannot name its borrowers.
+                        slot = object()
+                        await self._part_limiter.acquire_on_behalf_of(slot)
                         nursery.start_soon(self._copy_part, staged, target, upload_id, number, start, end,
                                            results, slot)
                         continue
+                    await ahead.acquire()
                     nursery.start_soon(self._send_part, str(staged.data_path), target, upload_id, number,
-                                       start, end, results, slot)
+                                       start, end, results, ahead)
             await backend.complete_multipart(target, upload_id, results, if_match=if_match,
                                              if_none_match=if_none_match)
         except BaseException:
@@ -357,11 +363,18 @@ class Uploader:
         return info, whole.digest if whole is not None else None
 
     async def _send_part(self, data_path: str, target: str, upload_id: str, number: int, start: int, end: int,
-                         results: list[UploadedPart], slot: object) -> None:
+                         results: list[UploadedPart], ahead: trio.Semaphore) -> None:
+        """Hash one part, then send it in a mount-wide slot; ``ahead`` is released once the
+        part holds its slot (or failed), letting the next part be hashed meanwhile."""
+        slot = object()
         try:
             # The part's own MD5 (its Content-MD5), from one pass over its bytes in a worker
-            # thread (parts in flight hash in parallel); the sender then streams the bytes.
+            # thread (parts waiting for a slot hash in parallel); the sender then streams them.
             region = await trio.to_thread.run_sync(FileRegion.hashed, data_path, start, end - start)
+            await self._part_limiter.acquire_on_behalf_of(slot)
+        finally:
+            ahead.release()
+        try:
             results.append(await self.backend.upload_part(target, upload_id, number, region))
         finally:
             self._part_limiter.release_on_behalf_of(slot)
