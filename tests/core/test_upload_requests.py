@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -177,35 +179,39 @@ class PausesInItsFirstPart:
         return await self._inner.upload_part(*args, **kwargs)
 
 
-async def test_a_write_during_a_multipart_upload_leaves_no_stale_whole_md5(tmp_path: Path) -> None:
-    """The whole-object digest is read beside the parts, at other moments: a write while they
-    go up falls between the two passes (here: after the whole-object pass, before the second
-    part's), and ``user.md5`` must then be that of the bytes, not of that upload's digest."""
-    size = 12 * 1024 * 1024
+@asynccontextmanager
+async def core_with_one_part_slot(tmp_path: Path) -> AsyncIterator[tuple[Any, Callable[[], PausesInItsFirstPart]]]:
+    """A core on S3 with one part slot, whose backend holds the first part upload; the
+    getter returns the wrapper of the backend in use."""
     wrappers: list[PausesInItsFirstPart] = []
 
     def wrap(inner: Any) -> Any:
         wrappers.append(PausesInItsFirstPart(inner))
         return wrappers[-1]
 
-    # One part in flight: while the first is held, the second is not read yet, so the write
-    # below lands in bytes its own pass will see but the whole-object pass (done) did not.
     async with open_core(tmp_path, backend="s3", write_back_delay=3600, wrap_backend=wrap,
                          part_concurrency=1) as h:
         assert h.bucket is not None
+        yield h, lambda: wrappers[-1]
+
+
+async def test_a_write_during_a_multipart_upload_leaves_no_stale_whole_md5(tmp_path: Path) -> None:
+    """The whole-object digest is read beside the parts, at other moments: a write while they
+    go up falls between the passes (here: after the whole-object pass and the second part's,
+    while the first part is held), and ``user.md5`` must then be that of the bytes."""
+    size = 12 * 1024 * 1024
+    async with core_with_one_part_slot(tmp_path) as (h, paused):
         first = pattern("first", size)
         await h.kernel.write_file("big.bin", first)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(h.drain, 120)
             with trio.fail_after(60):
-                await wrappers[-1].reached.wait()
-                # The whole-object pass runs in its own thread: let it finish before the write,
-                # so only the generation check can tell its digest is stale.
-                await trio.sleep(1)
+                await paused().reached.wait()
+                await trio.sleep(1)  # the whole-object pass (its own thread) is done by now
             fd = await h.kernel.open("big.bin", os.O_WRONLY)
             await h.kernel.pwrite(fd, b"changed", size - 100)
             await h.kernel.close(fd)
-            wrappers[-1].resume.set()
+            paused().resume.set()
         assert await h.drain(timeout=120) == []
         second = first[:size - 100] + b"changed" + first[size - 93:]
         assert h.bucket.files() == {"big.bin": second}
@@ -225,26 +231,18 @@ async def test_parts_are_hashed_ahead_of_their_slot(tmp_path: Path, monkeypatch:
         return original(cls, path, start, length)
 
     monkeypatch.setattr(FileRegion, "hashed", classmethod(counting))
-    wrappers: list[PausesInItsFirstPart] = []
-
-    def wrap(inner: Any) -> Any:
-        wrappers.append(PausesInItsFirstPart(inner))
-        return wrappers[-1]
-
-    async with open_core(tmp_path, backend="s3", write_back_delay=3600, wrap_backend=wrap,
-                         part_concurrency=1) as h:
-        assert h.bucket is not None
+    async with core_with_one_part_slot(tmp_path) as (h, paused):
         data = pattern("ahead", size)
         await h.kernel.write_file("big.bin", data)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(h.drain, 120)
             with trio.fail_after(60):
-                await wrappers[-1].reached.wait()
+                await paused().reached.wait()
                 while len(hashed) < 2:
                     await trio.sleep(0.01)
             await trio.sleep(0.5)  # room for a third hash, were the look-ahead unbounded
             assert hashed == [0, 8 * 1024 * 1024], "the next part hashed while the first holds the slot"
-            wrappers[-1].resume.set()
+            paused().resume.set()
         assert h.bucket.files() == {"big.bin": data}
 
 
