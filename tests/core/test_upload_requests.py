@@ -13,10 +13,13 @@
   a crash afterwards recovers nothing, and a file removed after its upload stays removed.
 * A flush of many files looks at each file a bounded number of times, not once per upload.
 * A closed small file's upload sends the bytes its close's commit read: no read again.
+* An earlier upload of a file whose answer was lost (the object landed, the file changed
+  since) is recognised as this file's own by the id it carries, not taken for a conflict.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +31,7 @@ import pytest
 import trio
 
 from gstore.backends.filebody import FileRegion
+from gstore.errors import BackendError
 from gstore.write import pending as pending_module
 from gstore.write.conditional import PROBE_DIR
 from gstore.write.pending import PendingFiles
@@ -244,6 +248,59 @@ async def test_parts_are_hashed_ahead_of_their_slot(tmp_path: Path, monkeypatch:
             assert hashed == [0, 8 * 1024 * 1024], "the next part hashed while the first holds the slot"
             paused().resume.set()
         assert h.bucket.files() == {"big.bin": data}
+
+
+class LosesOneAnswer:
+    """Once ``armed``, the next PUT lands, then waits for ``resume`` and fails as if its answer
+    had been lost (a reset after the store took it)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.armed = False
+        self.landed = trio.Event()
+        self.resume = trio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def put_bytes(self, path: str, data: Any, **kwargs: Any) -> Any:
+        info = await self._inner.put_bytes(path, data, **kwargs)
+        if self.armed and not self.landed.is_set():
+            self.landed.set()
+            await self.resume.wait()
+            raise BackendError(errno.ECONNRESET, f"put {path}: connection reset", transient=True)
+        return info
+
+
+async def test_an_earlier_upload_whose_answer_was_lost_is_not_a_conflict(tmp_path: Path) -> None:
+    """v2's PUT lands but its answer is lost, and the file is rewritten (v3) meanwhile: the
+    next upload finds v2 where it expected v1. v2 carries this staged file's id, so it is
+    ours: v3 replaces it, and no conflict copy appears (nothing compares v2 with v3 bytes)."""
+    wrappers: list[LosesOneAnswer] = []
+
+    def wrap(inner: Any) -> Any:
+        wrappers.append(LosesOneAnswer(inner))
+        return wrappers[-1]
+
+    async with open_core(tmp_path, backend="s3", write_back_delay=3600, wrap_backend=wrap) as h:
+        assert h.bucket is not None
+        await h.kernel.write_file("a", pattern("v1", 5000))
+        assert await h.drain() == []
+        fd = await h.kernel.open("a", os.O_WRONLY)
+        await h.kernel.pwrite(fd, pattern("v2", 6000), 0)
+        wrappers[-1].armed = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(h.drain, 120)
+            await h.kernel.close(fd)
+            with trio.fail_after(60):
+                await wrappers[-1].landed.wait()
+            assert h.bucket.files() == {"a": pattern("v2", 6000)}, "v2 landed"
+            fd = await h.kernel.open("a", os.O_WRONLY)
+            await h.kernel.pwrite(fd, pattern("v3", 7000), 0)
+            await h.kernel.close(fd)
+            wrappers[-1].resume.set()
+        assert await h.drain(timeout=120) == []
+        assert h.bucket.files() == {"a": pattern("v3", 7000)}, "no conflict copy; v3 at the path"
 
 
 def staging_fds(staging_dir: Path) -> list[str]:

@@ -67,6 +67,8 @@ class ObjectInfo:
     # The attributes above come from the object itself (a HEAD, or this mount's own
     # writes), not from a listing: a lookup need not ask again.
     detailed: bool = False
+    # The staged file whose upload wrote the object (objectmeta.WRITER; from a HEAD only).
+    writer: str | None = None
 
     @property
     def identity(self) -> str:

@@ -16,6 +16,13 @@ name       value                                                       also writ
 ``xattr``  URL-encoded JSON: name → base64 of the value                 s3fs-fuse
 =========  ==========================================================  =================
 
+One more name is gstore's own: ``gstore-staged``, the id of the staged file
+(journal record) whose upload wrote the object. It is how a mount recognises
+its own upload whose answer it never saw (a daemon killed, or a connection
+reset, after the object landed, while the file had changed since): without it
+the next upload would find an object it did not expect and take its own
+earlier generation for another writer's (a conflict copy of our newest bytes).
+
 Reading is lenient: a value that does not parse is ignored (the default shows),
 never an error, because other tools write these names too. S3 limits the user
 metadata of one object to 2 KiB (names and values together): :func:`encode`
@@ -33,7 +40,10 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 #: The metadata names gstore reads and writes (others' names are kept as they are).
-MANAGED = frozenset({"mode", "uid", "gid", "mtime", "ctime", "atime", "rdev", "xattr"})
+MANAGED = frozenset({"mode", "uid", "gid", "mtime", "ctime", "atime", "rdev", "xattr", "gstore-staged"})
+
+#: The name of the staged-file id an upload writes (see the module docstring).
+WRITER = "gstore-staged"
 
 #: S3's limit on the user metadata of one object (keys and values, UTF-8).
 USER_METADATA_LIMIT = 2048
@@ -107,13 +117,24 @@ def decode(metadata: Mapping[str, str] | None) -> PosixMeta:
     )
 
 
+def writer(metadata: Mapping[str, str] | None) -> str | None:
+    """The id of the staged file whose upload wrote the object (``WRITER``), if any."""
+    for key, value in (metadata or {}).items():
+        if key.lower() == WRITER:
+            return value.strip() or None
+    return None
+
+
 def _format_time(value: float) -> str:
     return f"{value:.9f}".rstrip("0").rstrip(".")
 
 
-def encode(meta: PosixMeta) -> dict[str, str]:
-    """User metadata for an object with these attributes; E2BIG over S3's 2 KiB limit."""
+def encode(meta: PosixMeta, *, writer: str | None = None) -> dict[str, str]:
+    """User metadata for an object with these attributes (and the staged file ``writer``
+    whose upload writes it); E2BIG over S3's 2 KiB limit."""
     out: dict[str, str] = {}
+    if writer:
+        out[WRITER] = writer
     if meta.mode is not None:
         out["mode"] = str(meta.mode)
     if meta.uid is not None:
@@ -136,4 +157,4 @@ def encode(meta: PosixMeta) -> dict[str, str]:
     return out
 
 
-__all__ = ["MANAGED", "PosixMeta", "USER_METADATA_LIMIT", "Xattrs", "decode", "encode"]
+__all__ = ["MANAGED", "PosixMeta", "USER_METADATA_LIMIT", "WRITER", "Xattrs", "decode", "encode", "writer"]

@@ -102,7 +102,7 @@ def _info_from_head(name: str, head: dict[str, Any], *, is_dir: bool = False) ->
         mtime=_head_mtime(head), etag=None if is_dir else _strip_etag(head.get("ETag")),
         version_id=None if is_dir else head.get("VersionId"), content_type=head.get("ContentType"),
         mode=mode, uid=meta.uid, gid=meta.gid, ctime=meta.ctime, atime=meta.atime, rdev=meta.rdev,
-        xattrs=meta.xattrs, detailed=True,
+        xattrs=meta.xattrs, detailed=True, writer=objectmeta.writer(head.get("Metadata")),
     )
 
 

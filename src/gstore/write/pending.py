@@ -476,7 +476,10 @@ class PendingFiles:
                 del updated[name]
             else:
                 updated[name] = value
-            objectmeta.encode(dataclasses.replace(staged.posix_meta(), xattrs=tuple(sorted(updated.items()))))
+            # The same check as the upload's (with its writer id), so a value set now never makes
+            # the upload fail later.
+            objectmeta.encode(dataclasses.replace(staged.posix_meta(), xattrs=tuple(sorted(updated.items()))),
+                              writer=staged.id)
             staged.xattrs = updated
         if mode is not None:
             staged.mode = mode & 0o7777

@@ -147,7 +147,7 @@ class Uploader:
             # The HEAD in _resolve_conflict is then the only check (a narrow race remains).
             if_match, if_none_match = None, False
         content_type = staged.content_type or content_type_for(target)
-        metadata = objectmeta.encode(staged.posix_meta())
+        metadata = objectmeta.encode(staged.posix_meta(), writer=staged.id)
         size = staged.size
         if self._attributes_only(staged, target):
             sending()
@@ -242,6 +242,13 @@ class Uploader:
         unchanged = (current is None) if expect == EXPECT_ABSENT else (current is not None and current.etag == expected_etag)
         if unchanged:
             return staged.path, expected_etag, expect == EXPECT_ABSENT, None
+        if current is not None and current.writer == staged.id:
+            # An earlier generation of this very file landed but its answer was lost (a
+            # reset, a cancel, kill -9 before the journal knew), and the file changed since:
+            # the object is ours, written by this staged file (objectmeta.WRITER).
+            log.info("%s: the backend has an earlier upload of this file whose answer was lost; "
+                     "not a conflict", staged.path)
+            return staged.path, current.etag, False, None
         if current is not None and await self._is_our_own(staged, current):
             # An earlier attempt landed but its answer was lost (reset, timeout, kill -9
             # before the journal was cleared): the object *is* ours, not a conflict.
