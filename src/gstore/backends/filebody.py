@@ -67,16 +67,8 @@ class FileRegion:
     @classmethod
     def hashed(cls, path: str, start: int, length: int) -> FileRegion:
         """Read the region once and remember its MD5 (blocking: a worker thread)."""
-        digest = hashlib.md5()
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            done = 0
-            while done < length:
-                chunk = _pread_padded(fd, min(HASH_CHUNK, length - done), start + done)
-                digest.update(chunk)
-                done += len(chunk)
-        finally:
-            os.close(fd)
+        digest = _md5_of_region(path, start, length, None)
+        assert digest is not None  # nothing can stop this pass
         return cls(path, start, length, digest.digest())
 
     def __len__(self) -> int:
@@ -184,19 +176,26 @@ def md5_of_file(path: str, length: int, stop: threading.Event) -> str | None:
     the limit of every large upload. ``stop`` is checked between chunks, so a
     cancelled upload leaves this thread within one chunk.
     """
+    digest = _md5_of_region(path, 0, length, stop)
+    return None if digest is None else digest.hexdigest()
+
+
+def _md5_of_region(path: str, start: int, length: int, stop: threading.Event | None) -> Any:
+    """The hashlib MD5 of ``length`` bytes of ``path`` from ``start`` (zeros past its end, as
+    ``read_local``), read in ``HASH_CHUNK`` pieces; None once ``stop`` is set."""
     digest = hashlib.md5()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         done = 0
         while done < length:
-            if stop.is_set():
+            if stop is not None and stop.is_set():
                 return None
-            chunk = _pread_padded(fd, min(HASH_CHUNK, length - done), done)
+            chunk = _pread_padded(fd, min(HASH_CHUNK, length - done), start + done)
             digest.update(chunk)
             done += len(chunk)
     finally:
         os.close(fd)
-    return digest.hexdigest()
+    return digest
 
 
 __all__ = ["FileRegion", "RegionReader", "md5_of_file"]
