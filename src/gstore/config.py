@@ -137,7 +137,7 @@ class MountOptions:
     breaker_threshold: int = 10
     breaker_cooldown: float | None = None
     write_back_delay: float = 5.0
-    upload_concurrency: int = 8
+    upload_concurrency: int = 16
     part_concurrency: int = 8
     drain_timeout: float = 300.0
     conflict: str = "keep-both"
@@ -150,6 +150,22 @@ class MountOptions:
     debug_requests: bool = False
     xattrs: bool = True
     fsname: str | None = None
+
+    @property
+    def backend_connections(self) -> int:
+        """How many connections the backend's client may hold open at once.
+
+        Enough for every request the mount's limiters let through at the same
+        time (reads, whole-file uploads, multipart parts) plus room for the
+        lookups, listings, deletes and copies that no limiter counts: with a
+        smaller pool (botocore's default is 10) the limiters' figures are never
+        reached, and a listing waits behind readahead for a free connection.
+        """
+        return self.fetch_concurrency + self.upload_concurrency + self.part_concurrency + METADATA_CONNECTIONS
+
+
+#: Connections kept beyond the limiters' sum for requests no limiter counts.
+METADATA_CONNECTIONS = 8
 
 
 @dataclass(frozen=True)
@@ -512,7 +528,7 @@ _FIELDS: dict[str, _Field] = {
         _Field("write_back_delay", _conv_duration, "DUR",
                "seconds a written file stays unchanged before it is uploaded", "5"),
         _Field("upload_concurrency", _conv_int, "N",
-               "most files uploading at once", "8", minimum=1, maximum=1024),
+               "most files uploading at once", "16", minimum=1, maximum=1024),
         _Field("part_concurrency", _conv_int, "N",
                "most multipart parts in flight at once, mount-wide (each streamed from the staging file)",
                "8", minimum=1, maximum=256),

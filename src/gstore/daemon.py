@@ -257,6 +257,7 @@ async def _serve(request: MountRequest, state_dir: Path, startup: Startup) -> in
             spec.protocol, spec.root, dict(spec.options), request_timeout=options.request_timeout,
             retries=options.retries, breaker_threshold=options.breaker_threshold,
             breaker_cooldown=options.breaker_cooldown, connect_timeout=options.connect_timeout,
+            max_connections=options.backend_connections,
         )
     except (ImportError, ValueError, TypeError) as exc:
         raise StartupError(f"cannot create the {spec.protocol!r} backend: {redactor.redact(str(exc))}") from exc

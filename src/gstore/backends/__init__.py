@@ -40,6 +40,7 @@ def make_backend(
     breaker_threshold: int | None = None,
     breaker_cooldown: float | None = None,
     connect_timeout: float | None = None,
+    max_connections: int | None = None,
     resilient: bool = True,
 ) -> StorageBackend:
     """Create the backend for a mount, wrapped in retries and a circuit breaker.
@@ -51,6 +52,8 @@ def make_backend(
     ``connect_timeout`` (default 5 s, never more than ``request_timeout``)
     bounds opening a connection, apart from waiting for an answer: an endpoint
     that does not accept connections is known to be down in seconds.
+    ``max_connections`` sizes the S3 client's connection pool (botocore keeps
+    10 by default, fewer than the mount's limiters let through at once).
 
     Must run in the daemon process after it has forked: fsspec starts its IO
     thread when the first async filesystem is created, and that thread does
@@ -66,6 +69,8 @@ def make_backend(
         # gstore keeps its own bounded metadata cache; s3fs's would duplicate it unbounded.
         opts.setdefault("use_listings_cache", False)
         opts["config_kwargs"] = _s3_hashing_defaults(dict(opts.get("config_kwargs") or {}))
+        if max_connections is not None:
+            opts["config_kwargs"].setdefault("max_pool_connections", max_connections)
         if resilient:
             # One attempt per call in s3fs and botocore: gstore retries (bounded) itself.
             config_kwargs = dict(opts.get("config_kwargs") or {})

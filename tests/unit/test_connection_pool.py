@@ -1,0 +1,115 @@
+"""The S3 client's connection pool is as large as the mount's limiters let requests through.
+
+botocore keeps at most 10 connections by default, fewer than a mount's readahead
+(16 fetches), uploads (16 files) and parts (8) together: with that pool the
+limiters' figures were never reached, and a listing waited behind readahead for a
+connection. Observed here from the other end of the socket: a listener that
+accepts connections and never answers counts how many the client opens at once.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+
+from gstore.backends import make_backend
+from gstore.config import METADATA_CONNECTIONS, MountOptions
+
+
+class SilentListener:
+    """Accepts TCP connections on 127.0.0.1 and never answers a byte."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)
+        self._accepted: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="silent listener", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    @property
+    def accepted(self) -> int:
+        with self._lock:
+            return len(self._accepted)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self._accepted.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+        with self._lock:
+            for conn in self._accepted:
+                conn.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[SilentListener]:
+    silent = SilentListener()
+    try:
+        yield silent
+    finally:
+        silent.close()
+
+
+def connections_opened(listener: SilentListener, requests: int, **backend_args: Any) -> int:
+    """Send ``requests`` lookups at once and count the connections the client opens before
+    any is answered."""
+    options = {"endpoint_url": listener.url, "key": "testing", "secret": "testing",
+               "client_kwargs": {"region_name": "us-east-1"}}
+    options.update(backend_args.pop("options", {}))
+    backend = make_backend("s3", "bucket", options, request_timeout=30, resilient=False, **backend_args)
+
+    async def main() -> int:
+        async with trio.open_nursery() as nursery:
+            for i in range(requests):
+                nursery.start_soon(backend.head, f"key-{i}")
+            # Wait until the count settles: no new connection for half a second.
+            seen, quiet = -1, 0
+            with trio.move_on_after(20):
+                while quiet < 10:
+                    await trio.sleep(0.05)
+                    now = listener.accepted
+                    quiet = quiet + 1 if now == seen else 0
+                    seen = now
+            nursery.cancel_scope.cancel()
+        return seen
+
+    return trio.run(main)
+
+
+def test_the_pool_holds_a_connection_for_every_request_the_limiters_allow(listener: SilentListener) -> None:
+    # 20 lookups at once, twice botocore's default pool (10 connections: 10 here before).
+    assert connections_opened(listener, 20, max_connections=40) == 20
+
+
+def test_a_pool_size_in_the_users_own_client_config_wins(listener: SilentListener) -> None:
+    opened = connections_opened(listener, 20, max_connections=40,
+                                options={"config_kwargs": {"max_pool_connections": 12}})
+    assert opened == 12
+
+
+def test_the_mount_sizes_the_pool_from_its_limiters() -> None:
+    options = MountOptions(fetch_concurrency=5, upload_concurrency=6, part_concurrency=7)
+    assert options.backend_connections == 5 + 6 + 7 + METADATA_CONNECTIONS
+    defaults = MountOptions()
+    assert defaults.backend_connections > 10  # botocore's default pool, too small
