@@ -58,11 +58,12 @@ def create_loop(folder: Path, payloads: list[bytes]) -> dict[str, list[float]]:
     return calls
 
 
-def start_profile(output: str, pid: int, gil: bool) -> subprocess.Popen[bytes]:
-    """py-spy on the daemon; ``gil``: only the thread holding the GIL (Python CPU, no system calls)."""
+def start_profile(output: str, pid: int, gil: bool, idle: bool = False) -> subprocess.Popen[bytes]:
+    """py-spy on the daemon; ``gil``: only the thread holding the GIL (Python CPU, no system calls);
+    ``idle``: also the samples of threads waiting (in a system call, for a lock or the GIL)."""
     spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--rate", "500",
                             "--format", "raw", "--threads", "--nonblocking", "--output", output]
-                           + (["--gil"] if gil else []),
+                           + (["--gil"] if gil else []) + (["--idle"] if idle else []),
                            stdout=subprocess.DEVNULL)
     time.sleep(1.0)  # py-spy attaches
     return spy
@@ -112,6 +113,8 @@ def main() -> int:
     parser.add_argument("--profile", metavar="FILE",
                         help="py-spy record of the daemon (collapsed stacks with threads, 500 Hz) during one phase")
     parser.add_argument("--profile-gil", action="store_true", help="py-spy --gil: Python CPU only")
+    parser.add_argument("--profile-idle", action="store_true",
+                        help="py-spy --idle: also where threads wait (system calls, locks, the GIL)")
     parser.add_argument("--profile-phase", choices=("create", "flush"), default="create")
     parser.add_argument("mount_options", nargs="*")
     args = parser.parse_args()
@@ -128,12 +131,12 @@ def main() -> int:
             try:
                 pid = int(next(work.glob("cache/*/lock")).read_text().split()[0])
                 endpoint.reset_stats()
-                spy = start_profile(args.profile, pid, args.profile_gil) if args.profile and args.profile_phase == "create" else None
+                spy = start_profile(args.profile, pid, args.profile_gil, args.profile_idle) if args.profile and args.profile_phase == "create" else None
                 t0 = time.perf_counter()
                 calls = create_loop(mnt / "d", payloads)
                 closed = time.perf_counter() - t0
                 stop_profile(spy)
-                spy = start_profile(args.profile, pid, args.profile_gil) if args.profile and args.profile_phase == "flush" else None
+                spy = start_profile(args.profile, pid, args.profile_gil, args.profile_idle) if args.profile and args.profile_phase == "flush" else None
                 report("gstore", closed, calls)
                 during = endpoint.stats()
                 daemon0, endpoint0, t1 = cpu_seconds(pid), endpoint.cpu() or 0.0, time.perf_counter()

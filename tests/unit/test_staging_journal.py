@@ -164,6 +164,32 @@ def test_data_files_come_from_spares_new_empty_private_and_not_held_open(tmp_pat
     assert {p.stem for p in StagingArea(staging.root).orphans(ids)} == spares, "left spares are orphans at a start"
 
 
+def test_a_close_record_written_through_a_spare_is_whole_even_if_the_spare_was_not_empty(
+        tmp_path: Path) -> None:
+    """A close's record goes into a spare opened without O_TRUNC (a spare is empty: on ext4
+    the truncation would make the close write the record's blocks at once); should a spare
+    ever hold bytes, the record written there still ends where it ends."""
+    staging = StagingArea(tmp_path / "staging")
+    first = staging.create("first", base=None, expect=EXPECT_ABSENT, size=0)  # starts the spare thread
+    assert wait_until(lambda: len(list(staging.root.glob("*.data"))) == 1 + staging_module.SPARE_BATCH)
+    for spare in set(staging.root.glob("*.data")) - {first.data_path}:
+        spare.write_bytes(b"}garbage" * 4096)
+    data = os.urandom(3000)
+    staged = new_file(staging, "f.txt", data)
+
+    async def close() -> bool:
+        return await staging.commit(staged, durable=False)
+
+    trio.run(close)
+    record = record_of(staging, staged)  # parses: no tail left behind
+    assert record is not None and record["path"] == "f.txt"
+    StagingArea.close_fd(staged)
+    staged.data_path.write_bytes(b"")
+    found = [s for s in StagingArea(tmp_path / "staging").load() if s.path == "f.txt"]
+    assert [StagingArea.read_local(s, 0, s.size) for s in found] == [data]
+    assert staging.wait_records_synced()
+
+
 @pytest.mark.parametrize("umask", [0, 0o022, 0o077, 0o277, 0o777])
 def test_spares_and_data_files_are_0600_whatever_the_umask(tmp_path: Path, umask: int) -> None:
     """The chmod after each create is skipped where the umask cannot take owner bits away:

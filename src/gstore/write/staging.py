@@ -563,15 +563,31 @@ class StagingArea:
         than all the rest of a close, as it waits for the journal behind the record sync
         thread's fsyncs; the spare thread creates them ahead of need. A crash before the
         rename leaves a data file with no record: an orphan, which the next start removes,
-        as it removes any spare."""
+        as it removes any spare.
+
+        A spare is opened without ``O_TRUNC`` (it is empty: made by ``mknod`` and never
+        written). On ext4 a truncation to size 0 marks the file for its "replace via
+        truncate" rule (``auto_da_alloc``): the close then allocates and starts writing
+        its blocks at once, 0.04 ms on the trio thread and one disk write per record
+        that the record sync thread's fsync would otherwise batch. Measured on 1,000 new
+        4 KiB files (``scripts/measure_create.py``, 3 alternating runs): the record's
+        ``close`` 0.039 -> 0.002 ms, the close phase 1.73-1.86 -> 1.53-1.64 s."""
         if on_trio_thread:
             spare = self._take_spare()
             if spare is not None:
                 temp = self.root / f"{spare}.data"
                 try:
-                    return os.open(temp, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC), temp
+                    fd = os.open(temp, os.O_WRONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     pass  # swept meanwhile: create one
+                else:
+                    try:
+                        if os.fstat(fd).st_size:  # never expected; a record must not keep a tail
+                            os.ftruncate(fd, 0)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    return fd, temp
         temp = self.root / f".{staged.id}.{secrets.token_hex(4)}.json.tmp"
         return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), temp
 
