@@ -12,7 +12,8 @@ of any Python FUSE daemon for these calls. The endpoint is the benchmark's
 client's timings never wait for the endpoint's GIL).
 
     .venv/bin/python scripts/measure_create.py [--files 1000] [--latency-ms 0]
-        [--no-bare] [--reference] [--profile FILE [--profile-phase create|flush]] [-- extra gstore-mount options]
+        [--no-bare] [--reference] [--cache-under DIR]
+        [--profile FILE [--profile-phase create|flush] [--profile-gil | --profile-idle]] [-- extra gstore-mount options]
 Needs root (FUSE). Run from the repository root (PYTHONPATH is set for bench/).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,6 +118,9 @@ def main() -> int:
     parser.add_argument("--profile-idle", action="store_true",
                         help="py-spy --idle: also where threads wait (system calls, locks, the GIL)")
     parser.add_argument("--profile-phase", choices=("create", "flush"), default="create")
+    parser.add_argument("--cache-under", metavar="DIR",
+                        help="the daemon's cache (and staging) directory in a new folder under DIR, e.g. "
+                             "/dev/shm to see what the local disk's metadata operations cost the closes")
     parser.add_argument("mount_options", nargs="*")
     args = parser.parse_args()
     payloads = [os.urandom(4096) for _ in range(args.files)]
@@ -127,9 +132,11 @@ def main() -> int:
         try:
             mnt = work / "mnt"
             mnt.mkdir()
-            mount_bucket(endpoint.url, work, mnt, *args.mount_options, bucket=BUCKET)
+            cache = Path(tempfile.mkdtemp(dir=args.cache_under)) if args.cache_under else work / "cache"
+            options = [*args.mount_options, *(["--cache-dir", str(cache)] if args.cache_under else [])]
+            mount_bucket(endpoint.url, work, mnt, *options, bucket=BUCKET)
             try:
-                pid = int(next(work.glob("cache/*/lock")).read_text().split()[0])
+                pid = int(next(cache.glob("*/lock")).read_text().split()[0])
                 endpoint.reset_stats()
                 spy = start_profile(args.profile, pid, args.profile_gil, args.profile_idle) if args.profile and args.profile_phase == "create" else None
                 t0 = time.perf_counter()
@@ -149,6 +156,8 @@ def main() -> int:
                       f"{(endpoint.cpu() or 0.0) - endpoint0:.2f} s; requests during the creates: {during['total']}")
             finally:
                 unmount(mnt, timeout=120)
+                if args.cache_under:
+                    shutil.rmtree(cache, ignore_errors=True)
             if args.reference:
                 client = endpoint.client
                 endpoint0, c0, t0 = endpoint.cpu() or 0.0, time.process_time(), time.perf_counter()
