@@ -68,7 +68,7 @@ def make_backend(
 
         # gstore keeps its own bounded metadata cache; s3fs's would duplicate it unbounded.
         opts.setdefault("use_listings_cache", False)
-        opts["config_kwargs"] = _s3_hashing_defaults(dict(opts.get("config_kwargs") or {}))
+        opts["config_kwargs"] = _s3_request_defaults(_s3_hashing_defaults(dict(opts.get("config_kwargs") or {})))
         if max_connections is not None:
             opts["config_kwargs"].setdefault("max_pool_connections", max_connections)
         if resilient:
@@ -127,6 +127,27 @@ def _s3_hashing_defaults(config_kwargs: dict[str, Any]) -> dict[str, Any]:
     s3_config = dict(config_kwargs.get("s3") or {})
     s3_config.setdefault("payload_signing_enabled", False)
     config_kwargs["s3"] = s3_config
+    return config_kwargs
+
+
+def _s3_request_defaults(config_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Less work per request on the asyncio thread, where every upload's and read's
+    request is built (a profile of 2,000 small uploads: that thread held the GIL 67% of
+    the time, the trio side 29%).
+
+    * ``parameter_validation=False``: gstore builds every request's parameters itself;
+      botocore's check of them against the model was 4% of that thread.
+    * ``user_agent``: ``gstore/<version>`` (the session adds ``botocore/<version>``), which
+      also names the tool in the store's access logs. Without one, botocore rebuilds its
+      long User-Agent from a dozen components on every request (5% of that thread); a
+      given one is used as is.
+
+    A user's own settings win.
+    """
+    from gstore import __version__
+
+    config_kwargs.setdefault("parameter_validation", False)
+    config_kwargs.setdefault("user_agent", f"gstore/{__version__}")
     return config_kwargs
 
 
