@@ -185,8 +185,8 @@ class Gstore(Tool):
         return time.perf_counter() - t0
 
     def notes(self) -> str:
-        return ("defaults: --block-size 4M, --readahead 64M, --fetch-concurrency 16, attr/dir TTL 60 s, "
-                "--write-back-delay 5 s")
+        return ("defaults: --block-size 4M, --readahead 64M, --fetch-concurrency 16, --upload-concurrency 16, "
+                "--part-concurrency 8, attr/dir TTL 60 s, --write-back-delay 5 s")
 
 
 class Rclone(Tool):
