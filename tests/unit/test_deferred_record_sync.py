@@ -12,6 +12,7 @@ record names, so "returned before the fsync" is observed, not timed.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -156,10 +157,26 @@ def test_a_record_torn_by_a_power_loss_is_left_alone_not_loaded(tmp_path: Path) 
     StagingArea.close_fd(staged)
     record = staging.root / f"{staged.id}.json"
     whole = record.read_bytes()
-    for torn in (whole[:len(whole) // 2], b"\0" * len(whole), b""):
+    for torn in (whole[:len(whole) // 2], b"\0" * len(whole)):
         record.write_bytes(torn)
         assert StagingArea(tmp_path / "staging").load() == []
         assert record.exists(), "left in place for inspection"
+
+
+def test_an_empty_record_is_removed_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A record renamed in place whose bytes never reached the disk (a power loss before its
+    fsync) is empty: nothing to restore or inspect, so it is not reported at every start."""
+    staging = StagingArea(tmp_path / "staging")
+    staged = new_file(staging, "f.txt", b"x" * 3000)
+    close_commit(staging, staged, durable=False)
+    assert staging.wait_records_synced(10)
+    StagingArea.close_fd(staged)
+    record = staging.root / f"{staged.id}.json"
+    record.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="gstore.write.staging"):
+        assert StagingArea(tmp_path / "staging").load() == []
+    assert not record.exists()
+    assert any("is empty" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
 def test_close_lets_the_background_threads_finish_and_leaves_the_folder_still(tmp_path: Path) -> None:
