@@ -148,14 +148,19 @@ def test_a_record_written_again_during_a_sync_pass_stays_queued_until_synced_aft
     StagingArea.close_fd(staged)
 
 
-def test_a_record_torn_by_a_power_loss_is_left_alone_not_loaded(tmp_path: Path) -> None:
-    """What a power loss can leave of a record whose fsync was pending: nothing is made of it."""
+def closed_small_file_record(tmp_path: Path) -> Path:
+    """The synced record of a small file closed in a new staging area."""
     staging = StagingArea(tmp_path / "staging")
     staged = new_file(staging, "f.txt", b"x" * 3000)
     close_commit(staging, staged, durable=False)
     assert staging.wait_records_synced(10)
     StagingArea.close_fd(staged)
-    record = staging.root / f"{staged.id}.json"
+    return staging.root / f"{staged.id}.json"
+
+
+def test_a_record_torn_by_a_power_loss_is_left_alone_not_loaded(tmp_path: Path) -> None:
+    """What a power loss can leave of a record whose fsync was pending: nothing is made of it."""
+    record = closed_small_file_record(tmp_path)
     whole = record.read_bytes()
     for torn in (whole[:len(whole) // 2], b"\0" * len(whole)):
         record.write_bytes(torn)
@@ -166,12 +171,7 @@ def test_a_record_torn_by_a_power_loss_is_left_alone_not_loaded(tmp_path: Path) 
 def test_an_empty_record_is_removed_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A record renamed in place whose bytes never reached the disk (a power loss before its
     fsync) is empty: nothing to restore or inspect, so it is not reported at every start."""
-    staging = StagingArea(tmp_path / "staging")
-    staged = new_file(staging, "f.txt", b"x" * 3000)
-    close_commit(staging, staged, durable=False)
-    assert staging.wait_records_synced(10)
-    StagingArea.close_fd(staged)
-    record = staging.root / f"{staged.id}.json"
+    record = closed_small_file_record(tmp_path)
     record.write_bytes(b"")
     with caplog.at_level(logging.WARNING, logger="gstore.write.staging"):
         assert StagingArea(tmp_path / "staging").load() == []

@@ -68,9 +68,8 @@ def make_backend(
 
         # gstore keeps its own bounded metadata cache; s3fs's would duplicate it unbounded.
         opts.setdefault("use_listings_cache", False)
-        opts["config_kwargs"] = _s3_request_defaults(_s3_hashing_defaults(dict(opts.get("config_kwargs") or {})))
-        if max_connections is not None:
-            opts["config_kwargs"].setdefault("max_pool_connections", max_connections)
+        opts["config_kwargs"] = _s3_request_defaults(
+            _s3_hashing_defaults(dict(opts.get("config_kwargs") or {})), max_connections)
         if resilient:
             # One attempt per call in s3fs and botocore: gstore retries (bounded) itself.
             config_kwargs = dict(opts.get("config_kwargs") or {})
@@ -130,7 +129,7 @@ def _s3_hashing_defaults(config_kwargs: dict[str, Any]) -> dict[str, Any]:
     return config_kwargs
 
 
-def _s3_request_defaults(config_kwargs: dict[str, Any]) -> dict[str, Any]:
+def _s3_request_defaults(config_kwargs: dict[str, Any], max_connections: int | None) -> dict[str, Any]:
     """Less work per request on the asyncio thread, where every upload's and read's
     request is built (a profile of 2,000 small uploads: that thread held the GIL 67% of
     the time, the trio side 29%).
@@ -141,6 +140,8 @@ def _s3_request_defaults(config_kwargs: dict[str, Any]) -> dict[str, Any]:
       also names the tool in the store's access logs. Without one, botocore rebuilds its
       long User-Agent from a dozen components on every request (5% of that thread); a
       given one is used as is.
+    * ``max_pool_connections``: ``max_connections``, the mount's limiters' sum (botocore
+      keeps 10, fewer than readahead alone lets through).
 
     A user's own settings win.
     """
@@ -148,6 +149,8 @@ def _s3_request_defaults(config_kwargs: dict[str, Any]) -> dict[str, Any]:
 
     config_kwargs.setdefault("parameter_validation", False)
     config_kwargs.setdefault("user_agent", f"gstore/{__version__}")
+    if max_connections is not None:
+        config_kwargs.setdefault("max_pool_connections", max_connections)
     return config_kwargs
 
 
