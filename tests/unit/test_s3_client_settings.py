@@ -103,9 +103,13 @@ def connections_opened(listener: SilentListener, requests: int, expect: int, **b
                 while listener.accepted < expect:
                     await trio.sleep(0.02)
             await trio.sleep(0.5)
+            # Counted before the cancellation: a cancelled request frees its connection's slot,
+            # and a request still queued for one may open a new connection before it, too, is
+            # cancelled.
+            opened = listener.accepted
             nursery.cancel_scope.cancel()
         await backend.aclose()
-        return listener.accepted
+        return opened
 
     return trio.run(main)
 
